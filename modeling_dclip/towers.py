@@ -81,7 +81,7 @@ def _embedded_vision_state_dict() -> dict[str, torch.Tensor]:
 
 
 def embedded_vision_config() -> TimmWrapperConfig:
-    return TimmWrapperConfig(architecture=_TIMM_ARCHITECTURE, num_classes=_IMAGENET_CLASSES)
+    return TimmWrapperConfig(architecture=_TIMM_ARCHITECTURE, num_labels=_IMAGENET_CLASSES)
 
 
 def load_embedded_vision_classifier() -> TimmWrapperForImageClassification:

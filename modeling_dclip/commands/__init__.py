@@ -1,0 +1,1 @@
+"""Subcommands of the `dclip` command line (see `modeling_dclip.cli`)."""
