@@ -171,3 +171,37 @@ def test_teacher_accepts_cached_features_and_scores_pairs(teacher_and_inputs):
     assert text_to_region.shape == (3, inputs["input_ids"].shape[1], regions)
     assert region_to_text.shape == (3, regions, inputs["input_ids"].shape[1])
     torch.testing.assert_close(text_to_region.sum(-1), torch.ones_like(text_to_region.sum(-1)))
+
+
+def test_from_vision_text_pretrained_with_local_towers(tiny_clip, tmp_path):
+    """Towers from local folders: a ViT backbone, a timm model through TimmWrapper, CLIP towers, a BERT encoder."""
+    from transformers import BertConfig, BertModel, TimmWrapperConfig, TimmWrapperModel, ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                       image_size=30, patch_size=6)).save_pretrained(tmp_path / "vit")  # fmt: skip
+    TimmWrapperModel(TimmWrapperConfig(architecture="resnet10t", num_labels=3)).save_pretrained(tmp_path / "timm")
+    bert = BertModel(BertConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+                                vocab_size=99))  # fmt: skip
+    bert.save_pretrained(tmp_path / "bert")
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    input_ids = torch.randint(3, 98, (2, 6))
+    attention_mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    pixel_values = torch.randn(2, 3, 30, 30)
+
+    for vision in ("vit", "timm", "clip"):
+        student = DCLIPModel.from_vision_text_pretrained(str(tmp_path / vision), str(tmp_path / "bert"), projection_dim=8)
+        output = student(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+        assert output.logits_per_image.shape == (2, 2) and output.image_embeds.shape == (2, 8)
+        assert student.config.text_pooling == "mean"
+        assert student.config.vision_config.model_type == {"vit": "vit", "timm": "timm_wrapper", "clip": "clip_vision_model"}[vision]
+
+    # The text tower really is the saved BERT, mean pooled over real tokens only.
+    with torch.no_grad():
+        states = bert.eval()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        pooled = (states * attention_mask.unsqueeze(-1)).sum(1) / attention_mask.sum(1, keepdim=True)
+        expected = student.text_projection(pooled)
+        got = student.eval().get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    clip_student = DCLIPModel.from_vision_text_pretrained(str(tmp_path / "clip"), str(tmp_path / "clip"))
+    assert clip_student.config.has_clip_towers and clip_student.config.text_pooling == "pooler"
