@@ -171,7 +171,7 @@ class DCLIPModel(DCLIPPreTrainedModel):
         model = cls(config)
         model.vision_model.load_state_dict(vision.state_dict())
         model.text_model.load_state_dict(text.state_dict())
-        return model
+        return model.eval()  # as `from_pretrained`: BatchNorm towers must not update pretrained statistics
 
     @classmethod
     def from_clip(cls, clip_name_or_path: str | CLIPModel, **kwargs) -> "DCLIPModel":
@@ -195,7 +195,7 @@ class DCLIPModel(DCLIPPreTrainedModel):
         model.text_projection.load_state_dict(clip.text_projection.state_dict())
         with torch.no_grad():
             model.logit_scale.copy_(clip.logit_scale)
-        return model.to(clip.dtype)
+        return model.to(clip.dtype).eval()
 
     def to_clip(self) -> CLIPModel:
         """This student as a plain `CLIPModel` that any CLIP tool loads without remote code (CLIP towers only)."""
@@ -476,7 +476,7 @@ class DCLIPTeacherModel(DCLIPTeacherPreTrainedModel):
         [`DCLIPTeacherConfig`] fields such as `num_fusion_layers`."""
         base = student_or_path if isinstance(student_or_path, DCLIPModel) else DCLIPModel.from_pretrained(student_or_path)
         config = DCLIPTeacherConfig(base_config=base.config.to_dict(), **config_overrides)
-        return cls(config, base_model=base)
+        return cls(config, base_model=base).eval()
 
     def train(self, mode: bool = True) -> "DCLIPTeacherModel":
         super().train(mode)

@@ -23,7 +23,8 @@ def _clip_inputs(batch: int = 3):
 
 def test_from_clip_matches_clip_embeddings(tiny_clip, tmp_path):
     tiny_clip.save_pretrained(tmp_path / "clip")
-    student = DCLIPModel.from_clip(str(tmp_path / "clip")).eval()
+    student = DCLIPModel.from_clip(str(tmp_path / "clip"))
+    assert not student.training, "built models come in eval mode, as from_pretrained gives them"
     pixel_values, input_ids, attention_mask = _clip_inputs()
     with torch.no_grad():
         expected = tiny_clip(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True)
@@ -194,6 +195,7 @@ def test_from_vision_text_pretrained_with_local_towers(tiny_clip, tmp_path):
         output = student(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
         assert output.logits_per_image.shape == (2, 2) and output.image_embeds.shape == (2, 8)
         assert student.config.text_pooling == "mean"
+        assert not student.training
         assert student.config.vision_config.model_type == {"vit": "vit", "timm": "timm_wrapper", "clip": "clip_vision_model"}[vision]
 
     # The text tower really is the saved BERT, mean pooled over real tokens only.
