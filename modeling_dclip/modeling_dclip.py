@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -473,8 +474,12 @@ class DCLIPTeacherModel(DCLIPTeacherPreTrainedModel):
     @classmethod
     def from_backbone(cls, student_or_path: DCLIPModel | str, **config_overrides) -> "DCLIPTeacherModel":
         """A teacher over a base dual encoder (a `DCLIPModel` or a path/Hub id of one); `config_overrides` set
-        [`DCLIPTeacherConfig`] fields such as `num_fusion_layers`."""
-        base = student_or_path if isinstance(student_or_path, DCLIPModel) else DCLIPModel.from_pretrained(student_or_path)
+        [`DCLIPTeacherConfig`] fields such as `num_fusion_layers`. A model passed in is copied, so that freezing
+        it as the teacher's base neither freezes nor ties it to the student that will be trained from it."""
+        if isinstance(student_or_path, DCLIPModel):
+            base = copy.deepcopy(student_or_path)
+        else:
+            base = DCLIPModel.from_pretrained(student_or_path)
         config = DCLIPTeacherConfig(base_config=base.config.to_dict(), **config_overrides)
         return cls(config, base_model=base).eval()
 

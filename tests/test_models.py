@@ -124,8 +124,10 @@ def test_teacher_starts_at_its_base(teacher_and_inputs, embedded_student):
     torch.testing.assert_close(enriched.text_embeds, base.text_embeds, atol=1e-6, rtol=0)
 
 
-def test_teacher_trains_only_its_fusion(teacher_and_inputs):
+def test_teacher_trains_only_its_fusion(teacher_and_inputs, embedded_student):
     teacher, inputs = teacher_and_inputs
+    assert all(p.requires_grad for p in embedded_student.parameters()), "from_backbone must not freeze its source"
+    assert teacher.base.visual_projection.weight.data_ptr() != embedded_student.visual_projection.weight.data_ptr()
     teacher.train()
     assert not teacher.base.training, "the frozen base must stay in eval mode"
     trainable = {name for name, parameter in teacher.named_parameters() if parameter.requires_grad}
