@@ -37,6 +37,15 @@ def _tower_width(tower: PreTrainedModel) -> int:
     return config.hidden_size
 
 
+def _copy_dual_encoder_weights(source: nn.Module, target: nn.Module) -> None:
+    """Copy towers, projections and temperature between a `CLIPModel` and a `DCLIPModel` with CLIP towers (both
+    name these parts alike, in either direction)."""
+    for part in ("vision_model", "text_model", "visual_projection", "text_projection"):
+        getattr(target, part).load_state_dict(getattr(source, part).state_dict())
+    with torch.no_grad():
+        target.logit_scale.copy_(source.logit_scale)
+
+
 def _masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `states [B, N, D]` over positions where `mask [B, N]` is nonzero."""
     weights = mask.to(states.dtype).unsqueeze(-1)
@@ -190,12 +199,7 @@ class DCLIPModel(DCLIPPreTrainedModel):
             logit_scale_init_value=clip.config.logit_scale_init_value,
         )
         model = cls(config)
-        model.vision_model.load_state_dict(clip.vision_model.state_dict())
-        model.text_model.load_state_dict(clip.text_model.state_dict())
-        model.visual_projection.load_state_dict(clip.visual_projection.state_dict())
-        model.text_projection.load_state_dict(clip.text_projection.state_dict())
-        with torch.no_grad():
-            model.logit_scale.copy_(clip.logit_scale)
+        _copy_dual_encoder_weights(clip, model)
         return model.to(clip.dtype).eval()
 
     def to_clip(self) -> CLIPModel:
@@ -214,12 +218,7 @@ class DCLIPModel(DCLIPPreTrainedModel):
             logit_scale_init_value=self.config.logit_scale_init_value,
         )
         clip = CLIPModel(config)
-        clip.vision_model.load_state_dict(self.vision_model.state_dict())
-        clip.text_model.load_state_dict(self.text_model.state_dict())
-        clip.visual_projection.load_state_dict(self.visual_projection.state_dict())
-        clip.text_projection.load_state_dict(self.text_projection.state_dict())
-        with torch.no_grad():
-            clip.logit_scale.copy_(self.logit_scale)
+        _copy_dual_encoder_weights(self, clip)
         return clip.to(self.dtype)
 
     def _pool_vision(self, outputs) -> torch.Tensor:
