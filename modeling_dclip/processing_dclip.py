@@ -114,11 +114,6 @@ class DCLIPProcessor(ProcessorMixin):
         self.region_config = extractor.to_dict()
         self._region_extractor = extractor
 
-    def to_dict(self) -> dict[str, Any]:
-        output = super().to_dict()
-        output.pop("_region_extractor", None)
-        return output
-
     @property
     def max_text_length(self) -> int:
         # Some tokenizers report a practically infinite model_max_length when their tower's limit is unknown.
