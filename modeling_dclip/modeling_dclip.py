@@ -541,16 +541,37 @@ class DCLIPTeacherModel(DCLIPTeacherPreTrainedModel):
         Returns:
             `(image_embeds, text_embeds, cross_attentions)`, the embeddings L2-normalised `(B, projection_dim)`.
         """
-        region_mask = region_mask.bool()
-        attention_mask = attention_mask.bool()
+        return self._fuse_projected(
+            self._project_regions(region_embeds, region_boxes, region_scores), region_scores, region_mask, image_embeds,
+            self.text_token_projection(text_states), attention_mask, text_embeds, output_attentions,
+        )  # fmt: skip
+
+    def _project_regions(
+        self, region_embeds: torch.Tensor, region_boxes: torch.Tensor, region_scores: torch.Tensor
+    ) -> torch.Tensor:
+        """Region embeddings `(B, R, projection_dim)` with their box geometry, projected to `(B, R, fusion_dim)`."""
         regions = self.region_projection(region_embeds)
         if self.geometry_projection is not None:
             x1, y1, x2, y2 = region_boxes.unbind(-1)
             area = ((x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)).unsqueeze(-1)
             geometry = torch.cat([region_boxes, area, region_scores.unsqueeze(-1)], dim=-1)
             regions = regions + self.geometry_projection(geometry.to(regions.dtype))
-        text = self.text_token_projection(text_states)
+        return regions
 
+    def _fuse_projected(
+        self,
+        regions: torch.Tensor,
+        region_scores: torch.Tensor,
+        region_mask: torch.Tensor,
+        image_embeds: torch.Tensor,
+        text: torch.Tensor,
+        attention_mask: torch.Tensor,
+        text_embeds: torch.Tensor,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """`fuse` after the input projections: `regions (B, R, fusion_dim)`, `text (B, T, fusion_dim)`."""
+        region_mask = region_mask.bool()
+        attention_mask = attention_mask.bool()
         attentions = []
         for layer in self.layers:
             text, regions, weights = layer(text, regions, ~attention_mask, ~region_mask, output_attentions)
@@ -655,18 +676,26 @@ class DCLIPTeacherModel(DCLIPTeacherPreTrainedModel):
             `torch.FloatTensor` of shape `(num_texts, num_images)`.
         """
         num_texts, num_images = text_states.shape[0], region_embeds.shape[0]
+        # Inputs are projected once per image and once per text, not once per pair; texts are taken longest first
+        # so that each step trims the padding its own texts do not need.
+        regions = self._project_regions(region_embeds, region_boxes, region_scores)
+        positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
+        lengths = (attention_mask.bool() * positions).amax(dim=1)  # up to the last real token, whatever the padding side
+        order = lengths.argsort(descending=True, stable=True)
         texts_per_step = max(1, max_pairs_per_step // num_images)
         rows = []
         for start in range(0, num_texts, texts_per_step):
-            text_index = torch.arange(start, min(start + texts_per_step, num_texts), device=text_states.device)
-            t = text_index.repeat_interleave(num_images)
-            i = torch.arange(num_images, device=region_embeds.device).repeat(len(text_index))
-            image, text, _ = self.fuse(
-                region_embeds[i], region_boxes[i], region_scores[i], region_mask[i], image_embeds[i],
-                text_states[t], attention_mask[t], text_embeds[t],
+            text_index = order[start : start + texts_per_step]
+            length = max(1, int(lengths[text_index].max()))
+            text = self.text_token_projection(text_states[text_index, :length])
+            t = torch.arange(len(text_index), device=text.device).repeat_interleave(num_images)
+            i = torch.arange(num_images, device=regions.device).repeat(len(text_index))
+            image, text, _ = self._fuse_projected(
+                regions[i], region_scores[i], region_mask[i], image_embeds[i],
+                text[t], attention_mask[text_index, :length][t], text_embeds[text_index][t],
             )  # fmt: skip
             rows.append((image * text).sum(-1).view(len(text_index), num_images))
-        return torch.cat(rows)
+        return torch.cat(rows)[order.argsort()]
 
 
 __all__ = [

@@ -1,0 +1,18 @@
+"""`accelerate launch trainers/distill_student.py --config trainers/configs/distill_student.yaml [--<field> VALUE ...]`
+
+Thin entry point: every field of `modeling_dclip.training.DistillConfig` can be set in the YAML file or overridden on the
+command line (values are read as YAML: `--loss_weights '{contrastive: 1}'`, `--freeze_patterns '[text_model.*]'`).
+"""
+
+import sys
+
+from modeling_dclip.training import DistillConfig, distill_student, parse_stage_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    distill_student(parse_stage_config(DistillConfig, argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
