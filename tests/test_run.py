@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard
 
 from modeling_dclip import DCLIPModel, DCLIPProcessor, DCLIPTeacherModel
 from modeling_dclip.cli import main
@@ -42,6 +43,13 @@ def test_tiny_run_writes_loadable_models_and_results(tmp_path, capsys):
     assert main(["run", "--preset", "tiny", "--output-dir", str(out)]) == 0
     log = capsys.readouterr().out
     assert "align_base: reusing" in log and "distill_student: reusing" in log
+
+    # `dclip card` on this very output: each card's model-index carries exactly the run's measured numbers.
+    assert main(["card", "--run", str(out)]) == 0
+    for name in ("base", "teacher", "student"):
+        card = ModelCard.load(out / name / "README.md")
+        assert {result.metric_type: result.metric_value for result in card.data.eval_results} == results["models"][name]
+        assert {result.dataset_split for result in card.data.eval_results} == {"test"}
 
 
 def test_unknown_preset_is_a_clear_error(tmp_path, capsys):

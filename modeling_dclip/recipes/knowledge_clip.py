@@ -19,7 +19,8 @@ dropped afterwards: the saved student is a plain DCLIP student.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -212,6 +213,23 @@ def knowledge_clip_targets(
     return {LM_EMBEDS: embeddings, CONCEPT_LABELS: labels}
 
 
+def knowledge_clip_options(
+    weights: Mapping[str, float],
+    student_dim: int,
+    teacher_dim: int,
+    num_concepts: int,
+    shared_head: bool = True,
+    normalize: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """[`LossRecipe`] options sizing the trainable projection and concept head, for the Knowledge-CLIP terms that
+    `weights` (resolved term weights) gives a nonzero weight; the others get none, as `LossRecipe` requires."""
+    options = {
+        TextEmbeddingDistillationLoss.name: {"student_dim": student_dim, "teacher_dim": teacher_dim, "normalize": normalize},
+        ConceptLearningLoss.name: {"embed_dim": student_dim, "num_concepts": num_concepts, "shared_head": shared_head},
+    }
+    return {name: value for name, value in options.items() if weights.get(name)}
+
+
 def knowledge_clip_recipe(
     student_dim: int,
     teacher_dim: int,
@@ -222,12 +240,10 @@ def knowledge_clip_recipe(
 ) -> LossRecipe:
     """The Knowledge-CLIP [`LossRecipe`] with its trainable projection and concept head sized for this student and
     teacher; `weights` may add or reweight terms (e.g. `"knowledge_clip+dclip"`)."""
-    options = {
-        "text_embedding_distill": {"student_dim": student_dim, "teacher_dim": teacher_dim, "normalize": normalize},
-        "concept": {"embed_dim": student_dim, "num_concepts": num_concepts, "shared_head": shared_head},
-    }
     recipe_weights = resolve_recipe(weights)
-    return LossRecipe(recipe_weights, {name: value for name, value in options.items() if recipe_weights.get(name)})
+    return LossRecipe(
+        recipe_weights, knowledge_clip_options(recipe_weights, student_dim, teacher_dim, num_concepts, shared_head, normalize)
+    )
 
 
 register_loss_term(TextEmbeddingDistillationLoss.name, TextEmbeddingDistillationLoss)
@@ -242,6 +258,7 @@ __all__ = [
     "TextEmbeddingDistillationLoss",
     "TextTeacher",
     "fit_concept_centroids",
+    "knowledge_clip_options",
     "knowledge_clip_recipe",
     "knowledge_clip_targets",
     "mean_pool",

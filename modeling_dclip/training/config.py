@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from ..losses import DCLIP_HYBRID
+from ..losses import DCLIP_HYBRID, resolve_recipe
 
 ConfigT = TypeVar("ConfigT", bound="TrainingConfig")
 
@@ -138,12 +139,32 @@ class TeacherConfig(TrainingConfig):
 class DistillConfig(TrainingConfig):
     """`distill_student`: the student, initialised from the base, trained with a loss recipe.
 
+    The same trainer runs every recipe of `modeling_dclip.recipes`; only the targets it caches differ:
+
+    - `teacher_image_embeds` / `teacher_text_embeds` (DCLIP, ConaCLIP, compression) from `teacher_model`, whose
+      kind its folder's config tells: a DCLIP teacher gives its fused embeddings of each (image, caption) pair; any
+      other dual encoder (a `DCLIPModel`, a CLIP checkpoint) its own embeddings of the pair's image and caption;
+    - `teacher_lm_text_embeds` / `teacher_concept_labels` (Knowledge-CLIP) from `text_teacher_model`.
+
     Args:
         base_model: the student's initialisation (a saved `DCLIPModel` folder).
-        teacher_model: the trained teacher folder; needed when the recipe has distillation terms.
+        teacher_model: a DCLIP teacher or a frozen dual encoder folder; needed when the recipe has terms reading
+            `teacher_image_embeds` / `teacher_text_embeds`. Its embeddings must have the student's width.
         use_dataset_boxes: compute the teacher's targets on the dataset's `boxes` (as the teacher was trained with
             `TeacherConfig.use_dataset_boxes`) instead of the teacher processor's region extractor.
-        loss_weights: the recipe, term name -> weight (default DCLIP's hybrid, 1/1/1).
+        loss_weights: the recipe: term name -> weight (default DCLIP's hybrid, 1/1/1), or a registered recipe name
+            (`conaclip`, `knowledge_clip`, `compression_stage1`, `compression_stage2`), names joined by `+` adding
+            their weights (`dclip+conaclip`); see `modeling_dclip.losses.resolve_recipe`.
+        loss_options: term name -> keyword arguments of its loss module (a fixed `temperature`, the concept head's
+            `shared_head`, ...); the Knowledge-CLIP terms' sizes are filled in from the student and the targets.
+        text_teacher_model: Knowledge-CLIP's text teacher, any Hugging Face encoder or causal LM (mean-pooled), or
+            the packaged `dclip-embedded/all-MiniLM-L6-v2`; needed when the recipe weights `text_embedding_distill`
+            or `concept`.
+        num_concepts / concept_temperature: K-means concepts over the text teacher's caption embeddings, and the
+            temperature of the soft concept labels (`modeling_dclip.recipes.knowledge_clip.soft_concept_labels`).
+        compress: build a smaller student from `base_model` first (two-stage compression, stage 1): keyword
+            arguments of `modeling_dclip.recipes.compress_student` (`text_layers`, `vision_layers`,
+            `vision_architecture`); stage 2 then starts from stage 1's output with no `compress`.
         logit_scale: fixed inverse temperature of the contrastive term (DCLIP: 1/0.05 = 20); 0 keeps the model's.
         freeze_patterns: `fnmatch` patterns of parameter names kept frozen (DCLIP: the text tower).
         lora_r / lora_alpha / lora_target_modules: LoRA through peft when `lora_r > 0`.
@@ -154,7 +175,12 @@ class DistillConfig(TrainingConfig):
     base_model: str = "outputs/base"
     teacher_model: str | None = "outputs/teacher"
     use_dataset_boxes: bool = False
-    loss_weights: dict = field(default_factory=lambda: dict(DCLIP_HYBRID))
+    loss_weights: dict | str = field(default_factory=lambda: dict(DCLIP_HYBRID))
+    loss_options: dict = field(default_factory=dict)
+    text_teacher_model: str | None = None
+    num_concepts: int = 16
+    concept_temperature: float = 0.1
+    compress: dict | None = None
     logit_scale: float = 20.0
     freeze_patterns: list = field(default_factory=lambda: ["text_model.*"])
     lora_r: int = 0
@@ -172,6 +198,16 @@ class DistillConfig(TrainingConfig):
         super().__post_init__()
         if not 0.0 <= self.wise_alpha <= 1.0:
             raise ValueError(f"wise_alpha must be in [0, 1], got {self.wise_alpha}")
+        resolve_recipe(self.loss_weights)  # an unknown recipe name fails here, before any model is loaded
+        if self.compress is not None:
+            from ..recipes import compress_student
+
+            fields = set(inspect.signature(compress_student).parameters) - {"student"}
+            unknown = sorted(set(self.compress) - fields)
+            if unknown:
+                raise ValueError(f"compress: unknown field(s) {unknown}; fields: {sorted(fields)}")
+            if self.wise_alpha < 1.0:
+                raise ValueError("wise_alpha < 1 interpolates with the base, whose shape a compressed student no longer has")
 
 
 def _field_names(config_class: type) -> set[str]:
@@ -212,7 +248,8 @@ def parse_stage_config(config_class: type[ConfigT], argv: Sequence[str] | None =
     args = vars(parser.parse_args(argv))
     path = args.pop("config", None)
     overrides = {name: yaml.safe_load(value) if isinstance(value, str) else value for name, value in args.items()}
-    for name in ("output_dir", "work_dir", "data", "base_model", "teacher_model", "init_from", "resume_from_checkpoint"):
+    for name in ("output_dir", "work_dir", "data", "base_model", "teacher_model", "text_teacher_model", "init_from",
+                 "resume_from_checkpoint"):
         if name in overrides and overrides[name] is not None:
             overrides[name] = str(args[name])  # paths stay strings even when they look like numbers
     return load_stage_config(config_class, path, **overrides)
