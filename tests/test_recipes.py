@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import timm
 import torch
 from transformers import BertConfig, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlamaModel, TimmWrapperConfig
 
@@ -325,6 +326,12 @@ def test_timm_vision_tower_is_replaced_by_a_smaller_backbone(tmp_path):
     assert torch.equal(small_tower.conv_stem.weight, big_tower.conv_stem.weight)
     assert torch.equal(small_tower.blocks[1][1].conv_dw.weight, big_tower.blocks[1][1].conv_dw.weight)
     assert small_tower.blocks[2][0].conv_dw.weight.shape != big_tower.blocks[2][0].conv_dw.weight.shape
+    # The fresh blocks start from timm's own initialisation, not transformers' normal(0, 0.02), under which the
+    # activations of the pretrained stem faded to exactly zero by the last block (every image got one embedding).
+    timm_init = timm.create_model("mobilenetv2_100", num_classes=0)
+    for name in ("blocks.2.0.conv_pw.weight", "blocks.4.0.conv_pw.weight", "blocks.6.0.conv_pwl.weight"):
+        fresh, reference = small_tower.get_parameter(name), timm_init.get_parameter(name)
+        torch.testing.assert_close(fresh.std(), reference.std(), rtol=0.1, atol=0)
     assert parameter_counts(small)["vision"] < parameter_counts(student)["vision"]
     small.save_pretrained(tmp_path / "small")
     loaded = DCLIPModel.from_pretrained(tmp_path / "small").eval()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import timm
 import torch
 from torch import nn
 from transformers import PreTrainedModel, TimmWrapperConfig
@@ -182,6 +183,10 @@ def compress_student(
             {k[len(vision_prefix) :]: v for k, v in target.items() if k.startswith(vision_prefix)},
         )
         others = {k: v for k, v in state.items() if not k.startswith(vision_prefix) and k in target and v.shape == target[k].shape}
+        # `DCLIPModel(config)` initialises convolutions as transformers does (normal, std 0.02), under which the
+        # activations of a deep CNN fade to zero block after block; the blocks not copied start from timm's own
+        # initialisation instead.
+        small.vision_model.timm_model.load_state_dict(timm.create_model(vision_architecture, num_classes=0).state_dict())
         small.load_state_dict({**others, **{vision_prefix + k: v for k, v in tower.items()}}, strict=False)
         logger.info(
             "compress_student: %s warm-started from %d of %d vision weights",
