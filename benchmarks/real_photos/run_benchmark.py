@@ -95,19 +95,21 @@ def evaluate_seed(run_dir: Path, cifar, log) -> dict[str, Any]:
     processor = DCLIPProcessor.from_pretrained(str(run_dir / "student"))
     base = DCLIPModel.from_pretrained(str(run_dir / "base"))
     student = DCLIPModel.from_pretrained(str(run_dir / "student"))
-    val = {
-        "base": timed("val_base", lambda: evaluate_model(base, processor, splits["val"])),
-        "student": timed("val_student", lambda: evaluate_model(student, processor, splits["val"])),
-        "teacher": timed(
-            "val_teacher",
-            lambda: evaluate_model(
-                DCLIPTeacherModel.from_pretrained(str(run_dir / "teacher")),
-                DCLIPProcessor.from_pretrained(str(run_dir / "teacher")),
-                splits["val"],
-                cache_dir=evaluations / "regions",
+    val = {}
+    if "val" in splits:  # a data set without a val split is still scored on test
+        val = {
+            "base": timed("val_base", lambda: evaluate_model(base, processor, splits["val"])),
+            "student": timed("val_student", lambda: evaluate_model(student, processor, splits["val"])),
+            "teacher": timed(
+                "val_teacher",
+                lambda: evaluate_model(
+                    DCLIPTeacherModel.from_pretrained(str(run_dir / "teacher")),
+                    DCLIPProcessor.from_pretrained(str(run_dir / "teacher")),
+                    splits["val"],
+                    cache_dir=evaluations / "regions",
+                ),
             ),
-        ),
-    }
+        }
 
     def zeroshot(model) -> dict[str, float]:
         metrics = evaluate_model(model, processor, cifar, tasks=("zeroshot",), templates="cifar10")
@@ -138,7 +140,8 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
         for seed in seeds:
             test = per_seed[seed]["test"][role]
             values = {key: test[key] for key in RETRIEVAL_KEYS if key in test}
-            values.update({f"val_{key}": per_seed[seed]["val"][role][key] for key in RETRIEVAL_KEYS})
+            if per_seed[seed]["val"]:
+                values.update({f"val_{key}": per_seed[seed]["val"][role][key] for key in RETRIEVAL_KEYS})
             if role in per_seed[seed]["cifar10"]:
                 values["cifar10_top1"] = per_seed[seed]["cifar10"][role]["cifar10_top1"]
             for key, value in values.items():
