@@ -190,7 +190,7 @@ def markdown(results: dict[str, Any]) -> str:
     for name, section in results["datasets"].items():
         summary = section["summary"]
         keys = [key for key in columns if key in summary["base"]]
-        lines += [f"## {name}", "", f"Data: {section['data']}; wall time {section['wall_s'] / 60:.1f} min.", "",
+        lines += [f"## {name}", "", f"Data: {section['data']}; seeds {section['seeds']}; wall time {section['wall_s'] / 60:.1f} min.", "",
                   "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]  # fmt: skip
         for model, values in summary.items():
             cells = []
@@ -225,6 +225,7 @@ def compare_on(name: str, output_dir: Path, size: str, seeds: list[int], cifar10
         write_json_atomically(run / "recipes" / "results.json", per_seed[seed])
     return {
         "data": data or f"synthetic scenes ({size} size: {SIZES[size]})",
+        "seeds": seeds,
         "wall_s": round(time.perf_counter() - start, 1),
         "per_seed": per_seed,
         "summary": summarise(per_seed),
