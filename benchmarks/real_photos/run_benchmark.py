@@ -64,10 +64,10 @@ def cached_json(path: Path, compute) -> dict[str, Any]:
     """`compute()`'s result, read back from `path` when an earlier run already wrote it."""
     if path.is_file():
         return json.loads(path.read_text())
+    from modeling_dclip.training.checkpointing import write_json_atomically
+
     result = compute()
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(result, indent=2))
-    temporary.replace(path)
+    write_json_atomically(path, result)
     return result
 
 
