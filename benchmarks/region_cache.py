@@ -110,7 +110,11 @@ def measure_source(name, make_probed, make_plain, dataset, repeats: int, work: P
     for repeat in range(repeats):
         cache_dir = work / f"{name}-{repeat}"
         source = make_probed()
-        wall, cpu, _ = timed(lambda: add_region_boxes(dataset, source, cache_dir=cache_dir, batch_size=batch_size))
+        wall, cpu, _ = timed(
+            lambda source=source, cache_dir=cache_dir: add_region_boxes(
+                dataset, source, cache_dir=cache_dir, batch_size=batch_size
+            )
+        )
         first_walls.append(wall)
         first_cpus.append(cpu)
         if repeat == 0 and hasattr(source, "trace"):
@@ -119,7 +123,11 @@ def measure_source(name, make_probed, make_plain, dataset, repeats: int, work: P
     second_walls, second_cpus = [], []
     for _ in range(SECOND_PASS_REPEATS):
         plain = make_plain()
-        wall, cpu, cached = timed(lambda: add_region_boxes(dataset, plain, cache_dir=work / f"{name}-0", batch_size=batch_size))
+        wall, cpu, cached = timed(
+            lambda plain=plain, name=name: add_region_boxes(
+                dataset, plain, cache_dir=work / f"{name}-0", batch_size=batch_size
+            )
+        )
         assert getattr(plain, "_model", None) is None, "the second pass ran the detector"
         second_walls.append(wall)
         second_cpus.append(cpu)
@@ -178,8 +186,12 @@ def tiny_teacher():
     torch.manual_seed(0)
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
     vision = CLIPVisionConfig(**tower, image_size=32, patch_size=8)
-    text = CLIPTextConfig(**tower, vocab_size=30522, max_position_embeddings=64, bos_token_id=101, eos_token_id=102, pad_token_id=0)
-    base = DCLIPModel(DCLIPConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=32, text_pooling="mean"))
+    text = CLIPTextConfig(
+        **tower, vocab_size=30522, max_position_embeddings=64, bos_token_id=101, eos_token_id=102, pad_token_id=0
+    )
+    base = DCLIPModel(
+        DCLIPConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=32, text_pooling="mean")
+    )
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = DCLIPProcessor(image_processor=image_processor, tokenizer=load_tokenizer(EMBEDDED_TEXT))
     return DCLIPTeacherModel.from_backbone(base), processor
@@ -199,7 +211,9 @@ def main() -> None:
 
     load_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="region-cache-bench-"))
-    wall, _, dataset = timed(lambda: make_synthetic_dataset(args.num_images, seed=0, split="train", image_size=args.image_size))
+    wall, _, dataset = timed(
+        lambda: make_synthetic_dataset(args.num_images, seed=0, split="train", image_size=args.image_size)
+    )
     print(f"generated {len(dataset)} scenes in {wall:.1f} s; RSS {rss_mb():.0f} MB", flush=True)
     weights = build_yolo(work / "untrained-yolov8n.pt")
     yolo_settings = dict(conf=0.25, max_regions=10, imgsz=args.image_size, batch_size=16)
@@ -207,34 +221,62 @@ def main() -> None:
     results = {
         "command": " ".join(["python", *sys.argv]),
         "settings": {**vars(args), "output": str(args.output), "yolo": yolo_settings, "grid": {"scales": [2]}},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "python": platform.python_version(), "torch": torch.__version__},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "rss_mb_after_generating_dataset": round(rss_mb(), 1),
     }
     results["grid"] = measure_source(
-        "grid", lambda: ProbedGrid(scales=(2,)), lambda: GridRegionExtractor(scales=(2,)), dataset, args.repeats, work, args.batch_size
+        "grid",
+        lambda: ProbedGrid(scales=(2,)),
+        lambda: GridRegionExtractor(scales=(2,)),
+        dataset,
+        args.repeats,
+        work,
+        args.batch_size,
     )
     results["dataset_boxes"] = measure_source(
         "dataset_boxes", DatasetBoxes, DatasetBoxes, dataset, args.repeats, work, args.batch_size
     )
     results["yolo"] = measure_source(
-        "yolo", lambda: ProbedYolo(weights, **yolo_settings), lambda: YoloRegionExtractor(weights, **yolo_settings),
-        dataset, args.repeats, work, args.batch_size,
-    )  # fmt: skip
+        "yolo",
+        lambda: ProbedYolo(weights, **yolo_settings),
+        lambda: YoloRegionExtractor(weights, **yolo_settings),
+        dataset,
+        args.repeats,
+        work,
+        args.batch_size,
+    )
     results["yolo_keep_results_control"] = keep_results_control(dataset, weights, yolo_settings["batch_size"])
     print(f"control: {results['yolo_keep_results_control']}", flush=True)
 
-    script = CROSS_PROCESS.format(n=args.num_images, size=args.image_size, weights=str(weights), settings=yolo_settings,
-                                  cache_dir=str(work / "yolo-0"), batch=args.batch_size)  # fmt: skip
+    script = CROSS_PROCESS.format(
+        n=args.num_images,
+        size=args.image_size,
+        weights=str(weights),
+        settings=yolo_settings,
+        cache_dir=str(work / "yolo-0"),
+        batch=args.batch_size,
+    )
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     results["yolo_second_pass_new_process"] = json.loads(completed.stdout.strip().splitlines()[-1])
     print(f"new process: {results['yolo_second_pass_new_process']}", flush=True)
 
     teacher, processor = tiny_teacher()
-    with_regions = add_region_boxes(dataset.select(range(args.embed_images)), GridRegionExtractor(scales=(2,)), cache_dir=work / "embed")
-    first_wall, first_cpu, features = timed(lambda: region_embeddings(teacher, processor, with_regions, cache_dir=work / "embed"))
-    cached_walls = [timed(lambda: region_embeddings(teacher, processor, with_regions, cache_dir=work / "embed"))[0]
-                    for _ in range(SECOND_PASS_REPEATS)]  # fmt: skip
+    with_regions = add_region_boxes(
+        dataset.select(range(args.embed_images)), GridRegionExtractor(scales=(2,)), cache_dir=work / "embed"
+    )
+    first_wall, first_cpu, features = timed(
+        lambda: region_embeddings(teacher, processor, with_regions, cache_dir=work / "embed")
+    )
+    cached_walls = [
+        timed(lambda: region_embeddings(teacher, processor, with_regions, cache_dir=work / "embed"))[0]
+        for _ in range(SECOND_PASS_REPEATS)
+    ]
     results["region_embeddings_tiny_teacher"] = {
         "images": args.embed_images,
         "shape": list(features["region_embeds"].shape),
@@ -245,8 +287,10 @@ def main() -> None:
         "cached_over_first": round(statistics.median(cached_walls) / first_wall, 5),
     }
     print(f"embeddings: {results['region_embeddings_tiny_teacher']}", flush=True)
-    results["load_average_1_5_15_min"] = {"start": [round(value, 2) for value in load_start],
-                                          "end": [round(value, 2) for value in os.getloadavg()]}  # fmt: skip
+    results["load_average_1_5_15_min"] = {
+        "start": [round(value, 2) for value in load_start],
+        "end": [round(value, 2) for value in os.getloadavg()],
+    }
     if args.output:
         args.output.write_text(json.dumps(results, indent=2) + "\n")
 

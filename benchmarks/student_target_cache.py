@@ -95,15 +95,20 @@ def main() -> None:
         boxes = dataset.select_columns(["boxes"])[rows]["boxes"]
         inputs = processor(images=images, text=[table.captions[c] for c in captions], boxes=boxes, return_tensors="pt")
         output = teacher(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-            region_pixel_values=inputs["region_pixel_values"], region_boxes=inputs["region_boxes"],
-            region_scores=inputs["region_scores"], region_mask=inputs["region_mask"],
-        )  # fmt: skip
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            region_pixel_values=inputs["region_pixel_values"],
+            region_boxes=inputs["region_boxes"],
+            region_scores=inputs["region_scores"],
+            region_mask=inputs["region_mask"],
+        )
         return {"teacher_image_embeds": output.image_embeds, "teacher_text_embeds": output.text_embeds}
 
     modes = {"cached": cached_targets, "live": live_targets}
     steps = {name: DistillStep(copy.deepcopy(student), recipe, logit_scale=20.0).train() for name in modes}
-    optimizers = {name: torch.optim.AdamW([p for p in steps[name].parameters() if p.requires_grad], lr=5e-5) for name in modes}
+    optimizers = {
+        name: torch.optim.AdamW([p for p in steps[name].parameters() if p.requires_grad], lr=5e-5) for name in modes
+    }
 
     # Same targets either way: the cache holds exactly what the teacher computes live.
     rows, captions, _ = student_batch(batches.epoch(0)[0])
@@ -144,12 +149,30 @@ def main() -> None:
         "ratio_live_over_cached": median["live"] / median["cached"],
         "break_even_epochs": cache_build_s / saved_per_epoch if saved_per_epoch > 0 else None,
         "max_abs_target_difference": max_target_difference,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "load_average": os.getloadavg(), "torch": torch.__version__},
-    }  # fmt: skip
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average": os.getloadavg(),
+            "torch": torch.__version__,
+        },
+    }
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("median_epoch_s", "ratio_live_over_cached", "cache_build_s", "break_even_epochs",
-                                              "max_abs_target_difference")}, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "median_epoch_s",
+                    "ratio_live_over_cached",
+                    "cache_build_s",
+                    "break_even_epochs",
+                    "max_abs_target_difference",
+                )
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

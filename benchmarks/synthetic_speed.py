@@ -129,9 +129,11 @@ def main() -> None:
         for name, options in PNG_OPTIONS.items()
     }
 
-    print(f"{count} images of {args.image_size} px, median of {args.repeats} runs; "
-          f"load average {load_before:.2f} -> {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
-          "mean PNG size: " + ", ".join(f"{name} {kib:.1f} KiB" for name, kib in sizes.items()))  # fmt: skip
+    print(
+        f"{count} images of {args.image_size} px, median of {args.repeats} runs; "
+        f"load average {load_before:.2f} -> {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
+        "mean PNG size: " + ", ".join(f"{name} {kib:.1f} KiB" for name, kib in sizes.items())
+    )
     print("| stage | wall s | images/s (wall) | CPU s | images/s (CPU) |")
     print("|---|---|---|---|---|")
     for name, (wall, cpu, _) in results.items():

@@ -58,8 +58,10 @@ def load_flickr_batch(data_dir: Path, num_images: int, num_texts: int) -> tuple[
     entries = json.loads(annotations_path.read_text())["images"]
     captions = [sentence["raw"] for entry in entries for sentence in entry["sentences"]]
     if len(entries) < num_images or len(captions) < num_texts:
-        raise ValueError(f"{annotations_path}: has {len(entries)} images / {len(captions)} captions, "
-                         f"fewer than the {num_images} / {num_texts} asked for")
+        raise ValueError(
+            f"{annotations_path}: has {len(entries)} images / {len(captions)} captions, "
+            f"fewer than the {num_images} / {num_texts} asked for"
+        )
     images = []
     for entry in entries[:num_images]:
         with Image.open(data_dir / "images" / entry["filename"]) as image:
@@ -247,8 +249,12 @@ def main() -> None:
 
     results = {
         "images": {**images_result, "max_abs_embedding_diff": image_diff},
-        "texts": {**texts_result, "max_abs_embedding_diff": text_diff, "sequence_length": int(input_ids.shape[1]),
-                  "mean_real_tokens": attention_mask.sum(dim=1).float().mean().item()},
+        "texts": {
+            **texts_result,
+            "max_abs_embedding_diff": text_diff,
+            "sequence_length": int(input_ids.shape[1]),
+            "mean_real_tokens": attention_mask.sum(dim=1).float().mean().item(),
+        },
         "target_ratio": TARGET_RATIO,
         "setup": {
             "pixel_values_shape": list(pixel_values.shape),
@@ -273,18 +279,24 @@ def main() -> None:
     }
     args.output.write_text(json.dumps(results, indent=2) + "\n")
 
-    print(f"{'':8}{'wrapper/s':>11}{'direct/s':>10}{'ratio':>7}{'paired':>7}{'cpu':>7}{'max|diff|':>10}"
-          f"{'extra us/call':>15}{'of batch':>10}")
+    print(
+        f"{'':8}{'wrapper/s':>11}{'direct/s':>10}{'ratio':>7}{'paired':>7}{'cpu':>7}{'max|diff|':>10}"
+        f"{'extra us/call':>15}{'of batch':>10}"
+    )
     for modality in ("images", "texts"):
         row = results[modality]
         overhead = row["fixed_overhead"]
-        print(f"{modality:8}{row['wrapper_per_s_median']:11.2f}{row['direct_per_s_median']:10.2f}"
-              f"{row['ratio_of_medians']:7.3f}{row['median_of_paired_ratios']:7.3f}{row['cpu_ratio_of_medians']:7.3f}"
-              f"{row['max_abs_embedding_diff']:10.1e}{overhead['extra_us_per_call']:15.1f}"
-              f"{overhead['extra_fraction_of_full_batch']:10.2e}")
+        print(
+            f"{modality:8}{row['wrapper_per_s_median']:11.2f}{row['direct_per_s_median']:10.2f}"
+            f"{row['ratio_of_medians']:7.3f}{row['median_of_paired_ratios']:7.3f}{row['cpu_ratio_of_medians']:7.3f}"
+            f"{row['max_abs_embedding_diff']:10.1e}{overhead['extra_us_per_call']:15.1f}"
+            f"{overhead['extra_fraction_of_full_batch']:10.2e}"
+        )
         print(f"{'':8}ATen ops differing (wrapper, direct): {row['op_count_differences']}")
-    print(f"target ratio >= {TARGET_RATIO}; 1-min load average {load_before[0]:.1f} -> {load_after[0]:.1f}; "
-          f"raw numbers in {args.output}")
+    print(
+        f"target ratio >= {TARGET_RATIO}; 1-min load average {load_before[0]:.1f} -> {load_after[0]:.1f}; "
+        f"raw numbers in {args.output}"
+    )
 
 
 if __name__ == "__main__":

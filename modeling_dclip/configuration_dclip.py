@@ -64,9 +64,7 @@ class DCLIPConfig(PreTrainedConfig):
     @property
     def has_clip_towers(self) -> bool:
         """Whether both towers are CLIP's, so that the model exports to a plain `CLIPModel`."""
-        return (
-            self.vision_config.model_type == "clip_vision_model" and self.text_config.model_type == "clip_text_model"
-        )
+        return self.vision_config.model_type == "clip_vision_model" and self.text_config.model_type == "clip_text_model"
 
 
 class DCLIPTeacherConfig(PreTrainedConfig):

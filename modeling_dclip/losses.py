@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 Pair = tuple[str, str]
-"""Two `outputs` keys `(rows, columns)`: the similarity matrix `normalize(outputs[rows]) @ normalize(outputs[columns]).T`."""
+"""Two `outputs` keys `(rows, columns)`: the similarity matrix
+`normalize(outputs[rows]) @ normalize(outputs[columns]).T`."""
 
 
 def gather_with_grad(features: torch.Tensor) -> torch.Tensor:
@@ -481,7 +482,9 @@ class LossRecipe(nn.Module):
             raise ValueError("the loss recipe has no term with a nonzero weight")
         stray = sorted(set(options) - set(self.weights))
         if stray:
-            raise ValueError(f"options given for term(s) {stray} that the recipe does not weight: {sorted(self.weights)}")
+            raise ValueError(
+                f"options given for term(s) {stray} that the recipe does not weight: {sorted(self.weights)}"
+            )
         self.terms = nn.ModuleDict({name: self._build(name, options.get(name, {})) for name in self.weights})
 
     @staticmethod

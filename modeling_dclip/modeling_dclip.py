@@ -152,7 +152,7 @@ class DCLIPModel(DCLIPPreTrainedModel):
         text_model_name_or_path: str,
         projection_dim: int = 512,
         **kwargs,
-    ) -> "DCLIPModel":
+    ) -> DCLIPModel:
         r"""
         Build a student from two pretrained towers, with freshly initialised projections.
 
@@ -184,7 +184,7 @@ class DCLIPModel(DCLIPPreTrainedModel):
         return model.eval()  # as `from_pretrained`: BatchNorm towers must not update pretrained statistics
 
     @classmethod
-    def from_clip(cls, clip_name_or_path: str | CLIPModel, **kwargs) -> "DCLIPModel":
+    def from_clip(cls, clip_name_or_path: str | CLIPModel, **kwargs) -> DCLIPModel:
         """A student equal to a CLIP checkpoint: towers, projections and temperature (`kwargs` go to
         `CLIPModel.from_pretrained`)."""
         clip = (
@@ -311,7 +311,9 @@ class DCLIPModel(DCLIPPreTrainedModel):
         # The processor also returns region tensors, which only the teacher reads.
         kwargs = {k: v for k, v in kwargs.items() if not k.startswith("region_")}
         vision_outputs = self.get_image_features(pixel_values=pixel_values)
-        text_outputs = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        text_outputs = self.get_text_features(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
         image_embeds = F.normalize(vision_outputs.pooler_output, dim=-1)
         text_embeds = F.normalize(text_outputs.pooler_output, dim=-1)
 
@@ -471,7 +473,7 @@ class DCLIPTeacherModel(DCLIPTeacherPreTrainedModel):
         self.post_init()
 
     @classmethod
-    def from_backbone(cls, student_or_path: DCLIPModel | str, **config_overrides) -> "DCLIPTeacherModel":
+    def from_backbone(cls, student_or_path: DCLIPModel | str, **config_overrides) -> DCLIPTeacherModel:
         """A teacher over a base dual encoder (a `DCLIPModel` or a path/Hub id of one); `config_overrides` set
         [`DCLIPTeacherConfig`] fields such as `num_fusion_layers`. A model passed in is copied, so that freezing
         it as the teacher's base neither freezes nor ties it to the student that will be trained from it."""
@@ -482,7 +484,7 @@ class DCLIPTeacherModel(DCLIPTeacherPreTrainedModel):
         config = DCLIPTeacherConfig(base_config=base.config.to_dict(), **config_overrides)
         return cls(config, base_model=base).eval()
 
-    def train(self, mode: bool = True) -> "DCLIPTeacherModel":
+    def train(self, mode: bool = True) -> DCLIPTeacherModel:
         super().train(mode)
         self.base.eval()  # the base is frozen: no dropout, no BatchNorm statistics updates
         return self
@@ -542,9 +544,15 @@ class DCLIPTeacherModel(DCLIPTeacherPreTrainedModel):
             `(image_embeds, text_embeds, cross_attentions)`, the embeddings L2-normalised `(B, projection_dim)`.
         """
         return self._fuse_projected(
-            self._project_regions(region_embeds, region_boxes, region_scores), region_scores, region_mask, image_embeds,
-            self.text_token_projection(text_states), attention_mask, text_embeds, output_attentions,
-        )  # fmt: skip
+            self._project_regions(region_embeds, region_boxes, region_scores),
+            region_scores,
+            region_mask,
+            image_embeds,
+            self.text_token_projection(text_states),
+            attention_mask,
+            text_embeds,
+            output_attentions,
+        )
 
     def _project_regions(
         self, region_embeds: torch.Tensor, region_boxes: torch.Tensor, region_scores: torch.Tensor
@@ -633,15 +641,24 @@ class DCLIPTeacherModel(DCLIPTeacherPreTrainedModel):
         if image_embeds is None:
             if pixel_values is not None:
                 with torch.no_grad():
-                    image_embeds = F.normalize(self.base.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+                    image_embeds = F.normalize(
+                        self.base.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1
+                    )
             else:
                 image_embeds = region_embeds[:, 0]
         text_states, text_embeds = self.encode_text_tokens(input_ids, attention_mask)
 
         enriched_image, enriched_text, attentions = self.fuse(
-            region_embeds, region_boxes, region_scores, region_mask, image_embeds,
-            text_states, attention_mask, text_embeds, output_attentions,
-        )  # fmt: skip
+            region_embeds,
+            region_boxes,
+            region_scores,
+            region_mask,
+            image_embeds,
+            text_states,
+            attention_mask,
+            text_embeds,
+            output_attentions,
+        )
         logits_per_text = enriched_text @ enriched_image.t() * self.log_inverse_temperature.exp()
         return DCLIPTeacherOutput(
             loss=symmetric_contrastive_loss(logits_per_text) if return_loss else None,
@@ -680,7 +697,9 @@ class DCLIPTeacherModel(DCLIPTeacherPreTrainedModel):
         # so that each step trims the padding its own texts do not need.
         regions = self._project_regions(region_embeds, region_boxes, region_scores)
         positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
-        lengths = (attention_mask.bool() * positions).amax(dim=1)  # up to the last real token, whatever the padding side
+        lengths = (attention_mask.bool() * positions).amax(
+            dim=1
+        )  # up to the last real token, whatever the padding side
         order = lengths.argsort(descending=True, stable=True)
         texts_per_step = max(1, max_pairs_per_step // num_images)
         rows = []
@@ -691,9 +710,14 @@ class DCLIPTeacherModel(DCLIPTeacherPreTrainedModel):
             t = torch.arange(len(text_index), device=text.device).repeat_interleave(num_images)
             i = torch.arange(num_images, device=regions.device).repeat(len(text_index))
             image, text, _ = self._fuse_projected(
-                regions[i], region_scores[i], region_mask[i], image_embeds[i],
-                text[t], attention_mask[text_index, :length][t], text_embeds[text_index][t],
-            )  # fmt: skip
+                regions[i],
+                region_scores[i],
+                region_mask[i],
+                image_embeds[i],
+                text[t],
+                attention_mask[text_index, :length][t],
+                text_embeds[text_index][t],
+            )
             rows.append((image * text).sum(-1).view(len(text_index), num_images))
         return torch.cat(rows)[order.argsort()]
 

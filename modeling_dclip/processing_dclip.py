@@ -90,7 +90,7 @@ class DCLIPProcessor(ProcessorMixin):
         text_model_name_or_path: str,
         regions: RegionExtractor | dict[str, Any] | None = None,
         **hub_kwargs,
-    ) -> "DCLIPProcessor":
+    ) -> DCLIPProcessor:
         """The processor matching `DCLIPModel.from_vision_text_pretrained` on the same towers (Hub ids, local
         folders, or `EMBEDDED_VISION` / `EMBEDDED_TEXT`), with an optional region extractor or its settings."""
         from .towers import load_image_processor, load_tokenizer
@@ -149,13 +149,17 @@ class DCLIPProcessor(ProcessorMixin):
         if images is None and text is None:
             raise ValueError("DCLIPProcessor needs images, text, or both.")
         if return_tensors != "pt":
-            raise ValueError(f"DCLIPProcessor returns PyTorch tensors only (return_tensors='pt'), got {return_tensors!r}")
+            raise ValueError(
+                f"DCLIPProcessor returns PyTorch tensors only (return_tensors='pt'), got {return_tensors!r}"
+            )
         data: dict[str, torch.Tensor] = {}
         if text is not None:
             data.update(self._encode_text(text, padding, max_length or self.max_text_length))
         if images is not None:
             image_list = self._load_images(images)
-            data["pixel_values"] = self.image_processor(images=image_list, return_tensors="pt", **kwargs)["pixel_values"]
+            data["pixel_values"] = self.image_processor(images=image_list, return_tensors="pt", **kwargs)[
+                "pixel_values"
+            ]
             if regions or boxes is not None:
                 data.update(self._encode_regions(image_list, boxes, **kwargs))
         elif regions:

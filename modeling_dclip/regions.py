@@ -28,9 +28,7 @@ from PIL import ExifTags, Image, ImageOps
 WHOLE_IMAGE_BOX = (0.0, 0.0, 1.0, 1.0)
 WHOLE_IMAGE_LABEL = -1
 
-_ALTERNATIVES = (
-    "GridRegionExtractor (fixed grid cells, no weights) or the dataset's own boxes via regions_from_boxes"
-)
+_ALTERNATIVES = "GridRegionExtractor (fixed grid cells, no weights) or the dataset's own boxes via regions_from_boxes"
 # Boxes a little outside [0, 1] are rounding noise from whoever normalised them; further out they are pixels.
 _NORMALISED_TOLERANCE = 1e-3
 # float32 boxes times a large image size land a hair past an integer; this keeps crops from growing a pixel.
@@ -69,9 +67,7 @@ class Regions:
         return len(self.boxes)
 
 
-def _whole_image_first(
-    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, max_regions: int | None
-) -> Regions:
+def _whole_image_first(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, max_regions: int | None) -> Regions:
     """Prepend the whole image to `[N, 4]` boxes, keeping the `max_regions - 1` most confident (stable order)."""
     order = np.argsort(-scores, kind="stable")
     if max_regions is not None:
@@ -169,9 +165,7 @@ def regions_from_boxes(
     scores = np.ones(count, dtype=np.float32) if scores is None else np.asarray(scores, dtype=np.float32)
     labels = np.full(count, WHOLE_IMAGE_LABEL, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
     if scores.shape != (count,) or labels.shape != (count,):
-        raise ValueError(
-            f"scores {scores.shape} and labels {labels.shape} must have one entry per box ({count} boxes)"
-        )
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must have one entry per box ({count} boxes)")
     return _whole_image_first(np.clip(boxes, 0.0, 1.0).astype(np.float32), scores, labels, max_regions)
 
 

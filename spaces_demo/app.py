@@ -285,9 +285,7 @@ def build_interface(app: DemoApp, include_samples: bool, gallery_folder: str | N
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument(
-        "--model", default=None, help="student: a saved folder or Hub id (default: newest `dclip run`)"
-    )
+    parser.add_argument("--model", default=None, help="student: a saved folder or Hub id (default: newest `dclip run`)")
     parser.add_argument("--teacher", default=None, help="teacher for the region view: a saved folder or Hub id")
     parser.add_argument("--runs-dir", action="append", default=None, help="where to look for `dclip run` outputs")
     parser.add_argument("--gallery", default=None, metavar="DIR", help="a folder of images to add to the gallery")

@@ -15,12 +15,27 @@ SHARED_DATA = SHARED / "data"
 def tiny_clip_config(projection_dim: int = 16) -> CLIPConfig:
     """A CLIP small enough to build and run in milliseconds."""
     return CLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                         vocab_size=99, max_position_embeddings=32, bos_token_id=0, eos_token_id=2, pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=30, patch_size=6),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=99,
+            max_position_embeddings=32,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=30,
+            patch_size=6,
+        ),
         projection_dim=projection_dim,
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="session")
@@ -50,4 +65,6 @@ def sample_photos():
     import skimage.data
     from PIL import Image
 
-    return {name: Image.fromarray(getattr(skimage.data, name)()) for name in ("chelsea", "coffee", "astronaut", "rocket")}
+    return {
+        name: Image.fromarray(getattr(skimage.data, name)()) for name in ("chelsea", "coffee", "astronaut", "rocket")
+    }

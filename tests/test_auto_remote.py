@@ -44,7 +44,9 @@ def saved_models(tmp_path_factory, embedded_student, embedded_processor, sample_
     root = tmp_path_factory.mktemp("checkpoints")
     embedded_student.save_pretrained(root / "student")
     embedded_processor.save_pretrained(root / "student")
-    teacher = DCLIPTeacherModel.from_backbone(embedded_student, fusion_dim=64, num_attention_heads=4, intermediate_size=96)
+    teacher = DCLIPTeacherModel.from_backbone(
+        embedded_student, fusion_dim=64, num_attention_heads=4, intermediate_size=96
+    )
     with torch.no_grad():  # a teacher whose fusion matters, so that equal outputs mean equal fusion weights
         teacher.image_gate.fill_(0.5)
         teacher.text_gate.fill_(0.5)
@@ -69,8 +71,11 @@ def _load_isolated(source: str, resave_dir: Path, images: list[str], texts: list
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     completed = subprocess.run(
         [sys.executable, "-c", ISOLATED_LOADER, source, str(resave_dir), json.dumps(images), json.dumps(texts)],
-        capture_output=True, text=True, env=environment, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -103,7 +108,9 @@ def test_isolated_trust_remote_code_load_and_resave(saved_models, embedded_proce
     _assert_same_embeddings(again, expected)
 
 
-def _lay_out_hub_cache(cache: Path, repo_id: str, folder: Path, revision: str = "0123456789abcdef0123456789abcdef01234567") -> None:
+def _lay_out_hub_cache(
+    cache: Path, repo_id: str, folder: Path, revision: str = "0123456789abcdef0123456789abcdef01234567"
+) -> None:
     """Lay a folder out as huggingface_hub's cache does: blobs, snapshots/<revision>/ and refs/main. The Hub's
     servers cannot be reached here, so the cache is filled by hand instead of by a download."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"

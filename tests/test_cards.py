@@ -43,11 +43,20 @@ ROLES = ("base", "teacher", "student")
 def tiny_student(seed: int) -> DCLIPModel:
     """A student with tiny CLIP towers; its text tower reads the embedded MiniLM tokenizer's ids."""
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=30, patch_size=6)  # fmt: skip
-    text = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                          vocab_size=30522, max_position_embeddings=64,  # MiniLM's vocabulary; [CLS], [SEP], [PAD]:
-                          bos_token_id=101, eos_token_id=102, pad_token_id=0)  # fmt: skip
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=30, patch_size=6
+    )
+    text = CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=30522,
+        max_position_embeddings=64,  # MiniLM's vocabulary; [CLS], [SEP], [PAD]:
+        bos_token_id=101,
+        eos_token_id=102,
+        pad_token_id=0,
+    )
     config = DCLIPConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=16)
     return DCLIPModel(config).eval()
 
@@ -96,9 +105,15 @@ def evaluate_teacher(teacher: DCLIPTeacherModel, processor: DCLIPProcessor, phot
     )
     text_states, text_embeds = teacher.encode_text_tokens(texts["input_ids"], texts["attention_mask"])
     scores = teacher.score_pairs(
-        region_embeds, images["region_boxes"], images["region_scores"], images["region_mask"], image_embeds,
-        text_states, texts["attention_mask"], text_embeds,
-    )  # fmt: skip
+        region_embeds,
+        images["region_boxes"],
+        images["region_scores"],
+        images["region_mask"],
+        image_embeds,
+        text_states,
+        texts["attention_mask"],
+        text_embeds,
+    )
     return retrieval_metrics(scores, caption_to_image)
 
 
@@ -133,7 +148,7 @@ def build_run(run_dir: Path, photos: dict) -> dict:
                 "loss_weights": {"contrastive": 1.0, "image_distill": 1.0},
                 "teacher_model": str(run_dir / "teacher"),
             },
-        },  # fmt: skip
+        },
         "versions": {"dclip": "0.1.0", "torch": torch.__version__},
     }
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
@@ -320,11 +335,14 @@ def test_bad_results_json_is_refused_naming_the_key_and_nothing_is_written(run_o
                 "compositional": "synthetic scenes (seed 0)",
                 "train": {"name": "Flickr8k 1k", "id": "flickr8k-1k", "split": "train"},
             },
-            {"retrieval": ("flickr8k-1k", "test"), "zeroshot": ("cifar10", "test"),
-             "compositional": ("synthetic-scenes-seed-0", "test")},
+            {
+                "retrieval": ("flickr8k-1k", "test"),
+                "zeroshot": ("cifar10", "test"),
+                "compositional": ("synthetic-scenes-seed-0", "test"),
+            },
         ),
     ],
-)  # fmt: skip
+)
 def test_other_forms_of_the_dataset_entry(run_output, tmp_path, dataset, expected):
     run_dir, results = run_output
     other = tmp_path / "run"

@@ -29,8 +29,13 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "spaces_demo" / "app.py"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"]  # fmt: skip
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(os.environ.get("DCLIP_TEST_ARTIFACTS", REPO / "test-artifacts"))
 SERVER_START_TIMEOUT_S = 240
 
@@ -39,15 +44,21 @@ GALLERY = {
     "chelsea.png": ("chelsea.png", ["a photo of a cat", "a tabby cat with green eyes", "the face of a cat"]),
     "coffee.png": ("coffee.png", ["a cup of coffee", "an espresso in a red cup on a saucer", "a coffee with a spoon"]),
     "rocket.jpg": ("rocket.jpg", ["a rocket on a launch pad", "a space rocket at night", "a rocket before launch"]),
-    "astronaut.png": ("astronaut.png", ["an astronaut in a space suit", "a portrait of an astronaut with a flag",
-                                        "a woman astronaut smiling"]),
+    "astronaut.png": (
+        "astronaut.png",
+        ["an astronaut in a space suit", "a portrait of an astronaut with a flag", "a woman astronaut smiling"],
+    ),
     "motorcycle_left.png": ("motorcycle.png", ["a motorcycle", "a red motorcycle parked indoors", "a motorbike"]),
-    "hubble_deep_field.jpg": ("galaxies.jpg", ["galaxies in deep space", "a telescope image of distant galaxies",
-                                               "stars and galaxies on a black sky"]),
-    "camera.png": ("cameraman.png", ["a man with a camera on a tripod", "a black and white photo of a photographer",
-                                     "a cameraman outdoors"]),
+    "hubble_deep_field.jpg": (
+        "galaxies.jpg",
+        ["galaxies in deep space", "a telescope image of distant galaxies", "stars and galaxies on a black sky"],
+    ),
+    "camera.png": (
+        "cameraman.png",
+        ["a man with a camera on a tripod", "a black and white photo of a photographer", "a cameraman outdoors"],
+    ),
     "coins.png": ("coins.png", ["old coins", "many coins on a dark background", "a collection of coins"]),
-}  # fmt: skip
+}
 # Queries that are not training captions, with the image each must find first.
 KNOWN_ANSWERS = {
     "a cat": "chelsea",
@@ -176,8 +187,19 @@ def demo_url(demo_files):
     """The demo started as its README says, on a free localhost port; stopped after the tests."""
     port = _free_port()
     log_path = demo_files["root"] / "app.log"
-    command = [sys.executable, str(APP), "--model", str(demo_files["student"]), "--teacher", str(demo_files["teacher"]),
-               "--gallery", str(demo_files["gallery"]), "--no-sample-photos", "--port", str(port)]  # fmt: skip
+    command = [
+        sys.executable,
+        str(APP),
+        "--model",
+        str(demo_files["student"]),
+        "--teacher",
+        str(demo_files["teacher"]),
+        "--gallery",
+        str(demo_files["gallery"]),
+        "--no-sample-photos",
+        "--port",
+        str(port),
+    ]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=REPO)
@@ -417,9 +439,18 @@ def test_dclip_demo_starts_the_app_with_its_arguments(tmp_path, capsys):
     )
     assert Path(args.app) == APP
     assert app_arguments(args) == [
-        "--host", "127.0.0.1", "--port", "1234", "--model", "m", "--gallery", "g", "--runs-dir", "r",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "1234",
+        "--model",
+        "m",
+        "--gallery",
+        "g",
+        "--runs-dir",
+        "r",
         "--no-sample-photos",
-    ]  # fmt: skip
+    ]
     assert main(["demo", "--app", str(tmp_path / "missing.py")]) == 2
     assert "missing.py not found" in capsys.readouterr().err
 

@@ -43,7 +43,9 @@ RETRIEVAL_KEYS = {f"{direction}_R@{k}" for direction in ("text_to_image", "image
     f"{direction}_{measure}" for direction in ("text_to_image", "image_to_text") for measure in ("mAP", "MRR")
 }
 TINY_TOWER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-TINY_TEXT = dict(**TINY_TOWER, vocab_size=30522, max_position_embeddings=64, bos_token_id=101, eos_token_id=102, pad_token_id=0)
+TINY_TEXT = dict(
+    **TINY_TOWER, vocab_size=30522, max_position_embeddings=64, bos_token_id=101, eos_token_id=102, pad_token_id=0
+)
 
 
 def tiny_image_processor() -> CLIPImageProcessor:
@@ -57,8 +59,14 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     tokenizer = load_tokenizer(EMBEDDED_TEXT)
     vision = CLIPVisionConfig(**TINY_TOWER, image_size=32, patch_size=8)
-    student = DCLIPModel(DCLIPConfig(vision_config=vision.to_dict(), text_config=CLIPTextConfig(**TINY_TEXT).to_dict(),
-                                     projection_dim=16, text_pooling="mean"))  # fmt: skip
+    student = DCLIPModel(
+        DCLIPConfig(
+            vision_config=vision.to_dict(),
+            text_config=CLIPTextConfig(**TINY_TEXT).to_dict(),
+            projection_dim=16,
+            text_pooling="mean",
+        )
+    )
     processor = DCLIPProcessor(image_processor=tiny_image_processor(), tokenizer=tokenizer)
     teacher = DCLIPTeacherModel.from_backbone(student, fusion_dim=16, num_attention_heads=2, intermediate_size=32)
     with torch.no_grad():
@@ -66,8 +74,11 @@ def saved(tmp_path_factory) -> dict[str, Path]:
         teacher.text_gate.fill_(0.7)
     clip = CLIPModel(CLIPConfig(vision_config=vision.to_dict(), text_config=TINY_TEXT, projection_dim=16))
     paths = {name: root / name for name in ("student", "teacher", "clip", "bert")}
-    for name, model, model_processor in (("student", student, processor), ("teacher", teacher, processor),
-                                         ("clip", clip, CLIPProcessor(image_processor=tiny_image_processor(), tokenizer=tokenizer))):  # fmt: skip
+    for name, model, model_processor in (
+        ("student", student, processor),
+        ("teacher", teacher, processor),
+        ("clip", clip, CLIPProcessor(image_processor=tiny_image_processor(), tokenizer=tokenizer)),
+    ):
         model.save_pretrained(paths[name])
         model_processor.save_pretrained(paths[name])
     BertModel(BertConfig(**TINY_TOWER, vocab_size=99)).save_pretrained(paths["bert"])
@@ -104,9 +115,24 @@ def subprocess_runs(saved, tmp_path_factory) -> dict[str, tuple[subprocess.Popen
     out = tmp_path_factory.mktemp("runs")
     runs = {}
     for name in ("student", "teacher"):
-        command = [sys.executable, "-m", "modeling_dclip.cli", "eval", "--model", str(saved[name]), "--dataset", SCENES,
-                   "--task", "retrieval", "compositional", "zeroshot", "--output-dir", str(out / name),
-                   "--region-cache", str(out / "regions")]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "modeling_dclip.cli",
+            "eval",
+            "--model",
+            str(saved[name]),
+            "--dataset",
+            SCENES,
+            "--task",
+            "retrieval",
+            "compositional",
+            "zeroshot",
+            "--output-dir",
+            str(out / name),
+            "--region-cache",
+            str(out / "regions"),
+        ]
         runs[name] = (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out / name)
     yield runs
     for process, _ in runs.values():
@@ -140,8 +166,14 @@ def assert_metrics_equal(found: dict[str, float], expected: dict[str, float]) ->
 def check_common_fields(results: dict, model_path: Path, kind: str) -> None:
     assert results["task"] == ["retrieval", "compositional", "zeroshot"]
     assert results["model"]["name_or_path"] == str(model_path) and results["model"]["kind"] == kind
-    assert results["dataset"] == {"spec": SCENES, "split": "test", "images": 6, "captions": 30, "hard_negatives": 30,
-                                  "classes": 8}  # fmt: skip
+    assert results["dataset"] == {
+        "spec": SCENES,
+        "split": "test",
+        "images": 6,
+        "captions": 30,
+        "hard_negatives": 30,
+        "classes": 8,
+    }
     assert results["seed"] == 0 and results["versions"]["torch"] == torch.__version__.split("+")[0]
     assert results["wall_time_s"]["total"] > 0
     assert set(results["metrics"]) == RETRIEVAL_KEYS | {"compositional_accuracy", "zeroshot_top1", "zeroshot_top5"}
@@ -157,10 +189,14 @@ def test_clip_checkpoint_retrieval_on_a_caption_table(saved, caption_table, tmp_
     clip, processor = CLIPModel.from_pretrained(saved["clip"]), CLIPProcessor.from_pretrained(saved["clip"])
     dataset = load_dataset_spec(caption_table)
     pairs = caption_pairs(dataset)
-    pixel_values = processor(images=[image.convert("RGB") for image in dataset["image"]], return_tensors="pt")["pixel_values"]
+    pixel_values = processor(images=[image.convert("RGB") for image in dataset["image"]], return_tensors="pt")[
+        "pixel_values"
+    ]
     text = processor(text=pairs.captions, return_tensors="pt", padding=True, truncation=True)
     image_embeds = F.normalize(clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
-    text_embeds = F.normalize(clip.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).pooler_output, dim=-1)
+    text_embeds = F.normalize(
+        clip.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]).pooler_output, dim=-1
+    )
     assert_metrics_equal(results["metrics"], retrieval_metrics(text_embeds @ image_embeds.T, pairs.caption_to_image))
 
 
@@ -168,8 +204,24 @@ def test_zeroshot_on_an_image_folder_uses_its_class_names_and_named_templates(sa
     for offset, name in enumerate(("bird", "cat", "dog")):
         write_images(tmp_path / "classes" / name, 2, seed=10 + offset)
     spec = f"imagefolder:{tmp_path / 'classes'}?split=test"
-    assert main(["eval", "--model", str(saved["student"]), "--dataset", spec, "--task", "zeroshot",
-                 "--templates", "cifar10", "--output-dir", str(tmp_path / "out")]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(saved["student"]),
+                "--dataset",
+                spec,
+                "--task",
+                "zeroshot",
+                "--templates",
+                "cifar10",
+                "--output-dir",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["dataset"]["classes"] == 3 and results["zeroshot"]["classnames"] == ["bird", "cat", "dog"]
     assert results["zeroshot"]["num_templates"] == len(get_templates("cifar10")) == 18
@@ -186,13 +238,21 @@ def run_failing(capsys, *arguments: str) -> str:
 def test_bad_inputs_are_named(saved, caption_table, tmp_path, capsys):
     out = ["--output-dir", str(tmp_path)]
     missing = tmp_path / "no-such-model"
-    assert f"model '{missing}': no such folder" in run_failing(capsys, "--model", str(missing), "--dataset", SCENES, *out)
-    assert "BertModel, not a dual encoder" in run_failing(capsys, "--model", str(saved["bert"]), "--dataset", SCENES, *out)
+    assert f"model '{missing}': no such folder" in run_failing(
+        capsys, "--model", str(missing), "--dataset", SCENES, *out
+    )
+    assert "BertModel, not a dual encoder" in run_failing(
+        capsys, "--model", str(saved["bert"]), "--dataset", SCENES, *out
+    )
     error = run_failing(capsys, "--model", str(saved["student"]), "--dataset", SCENES, "--split", "val", *out)
     assert f"dataset {SCENES} has no rows of split 'val'; its splits are ['test']" in error
-    error = run_failing(capsys, "--model", str(saved["student"]), "--dataset", caption_table, "--task", "zeroshot", *out)
+    error = run_failing(
+        capsys, "--model", str(saved["student"]), "--dataset", caption_table, "--task", "zeroshot", *out
+    )
     assert caption_table in error and "no 'label' column" in error
-    error = run_failing(capsys, "--model", str(saved["student"]), "--dataset", caption_table, "--task", "compositional", *out)
+    error = run_failing(
+        capsys, "--model", str(saved["student"]), "--dataset", caption_table, "--task", "compositional", *out
+    )
     assert caption_table in error and "no 'hard_negatives' column" in error
     error = run_failing(capsys, "--model", str(saved["teacher"]), "--dataset", SCENES, "--regions", "yolo", *out)
     assert "--regions 'yolo' is not one of" in error
@@ -205,18 +265,27 @@ def test_student_results_equal_direct_embeddings(saved, subprocess_runs):
     check_common_fields(results, saved["student"], "student")
     model, processor = DCLIPModel.from_pretrained(saved["student"]), DCLIPProcessor.from_pretrained(saved["student"])
     dataset, pairs, images = scene_inputs(processor)
-    image_embeds = F.normalize(model.get_image_features(pixel_values=processor(images=images)["pixel_values"]).pooler_output, dim=-1)
+    image_embeds = F.normalize(
+        model.get_image_features(pixel_values=processor(images=images)["pixel_values"]).pooler_output, dim=-1
+    )
 
     def embed(texts):
         inputs = processor(text=texts)
-        return F.normalize(model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output, dim=-1)
+        return F.normalize(
+            model.get_text_features(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            ).pooler_output,
+            dim=-1,
+        )
 
     captions, negatives = embed(pairs.captions), embed(pairs.hard_negatives)
     paired_images = image_embeds[pairs.caption_to_image]
     zeroshot = zeroshot_classification(model, processor, dataset)
     expected = {
         **retrieval_metrics(captions @ image_embeds.T, pairs.caption_to_image),
-        "compositional_accuracy": compositional_accuracy((captions * paired_images).sum(-1), (negatives * paired_images).sum(-1)),
+        "compositional_accuracy": compositional_accuracy(
+            (captions * paired_images).sum(-1), (negatives * paired_images).sum(-1)
+        ),
         "zeroshot_top1": zeroshot["top1"],
         "zeroshot_top5": zeroshot["top5"],
     }
@@ -233,7 +302,13 @@ def test_teacher_results_equal_direct_pairwise_scores(saved, subprocess_runs):
     dataset, pairs, images = scene_inputs(processor)
     regions = processor(images=images, regions=True)
     region_embeds = teacher.encode_regions(regions["region_pixel_values"], regions["region_mask"])
-    image_args = (region_embeds, regions["region_boxes"], regions["region_scores"], regions["region_mask"], region_embeds[:, 0])
+    image_args = (
+        region_embeds,
+        regions["region_boxes"],
+        regions["region_scores"],
+        regions["region_mask"],
+        region_embeds[:, 0],
+    )
 
     def text_args(texts):
         tokens = processor(text=texts)
@@ -251,7 +326,9 @@ def test_teacher_results_equal_direct_pairwise_scores(saved, subprocess_runs):
     labels = torch.tensor(dataset["label"])
     expected = {
         **retrieval_metrics(teacher.score_pairs(*image_args, *text_args(pairs.captions)), pairs.caption_to_image),
-        "compositional_accuracy": compositional_accuracy(paired_scores(pairs.captions), paired_scores(pairs.hard_negatives)),
+        "compositional_accuracy": compositional_accuracy(
+            paired_scores(pairs.captions), paired_scores(pairs.hard_negatives)
+        ),
         "zeroshot_top1": (top[:, 0] == labels).double().mean().item(),
         "zeroshot_top5": (top == labels[:, None]).any(1).double().mean().item(),
     }

@@ -24,7 +24,6 @@ from modeling_dclip.data.loaders import (
 )
 from modeling_dclip.data.spec import DatasetSpec, load_dataset_spec
 
-
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FLICKR8K_1K = SHARED_DATA / "flickr8k-1k"
 CIFAR10_TEST = SHARED_DATA / "cifar10-test"
@@ -65,11 +64,14 @@ def karpathy_entry(filename: str, split: str, captions: list[str], **extra) -> d
 def test_karpathy_reads_splits_captions_and_ids_without_decoding(tmp_path):
     for name in ("a.jpg", "b.jpg", "c.jpg"):
         write_image(tmp_path / "images" / name)
-    path = write_karpathy(tmp_path, [
-        karpathy_entry("a.jpg", "train", ["A red square .", "  a red block  "]),
-        karpathy_entry("b.jpg", "test", ["A red thing ."]),
-        karpathy_entry("c.jpg", "val", ["Another ."]),
-    ])
+    path = write_karpathy(
+        tmp_path,
+        [
+            karpathy_entry("a.jpg", "train", ["A red square .", "  a red block  "]),
+            karpathy_entry("b.jpg", "test", ["A red thing ."]),
+            karpathy_entry("c.jpg", "val", ["Another ."]),
+        ],
+    )
     dataset, report = load_karpathy(path)
     assert dataset.column_names == CANONICAL_COLUMNS
     assert isinstance(dataset.features["image"], datasets.Image)
@@ -94,16 +96,23 @@ def test_karpathy_coco_layout_restval_tokens_and_instances(tmp_path):
     write_image(tmp_path / "coco" / "train2014" / "COCO_train2014_2.jpg", size=(100, 50))
     restval = karpathy_entry("COCO_val2014_1.jpg", "restval", ["ignored"], filepath="val2014", cocoid=1)
     restval["sentences"] = [{"tokens": ["a", "dog", "runs"]}]  # no "raw": rebuilt from tokens
-    path = write_karpathy(tmp_path, [
-        restval,
-        karpathy_entry("COCO_train2014_2.jpg", "train", ["Two cats ."], filepath="train2014", cocoid=2),
-    ])
+    path = write_karpathy(
+        tmp_path,
+        [
+            restval,
+            karpathy_entry("COCO_train2014_2.jpg", "train", ["Two cats ."], filepath="train2014", cocoid=2),
+        ],
+    )
     instances = tmp_path / "instances.json"
-    instances.write_text(json.dumps({
-        "images": [{"id": 1, "width": 100, "height": 50}, {"id": 2, "width": 100, "height": 50}],
-        "categories": [{"id": 18, "name": "dog"}, {"id": 17, "name": "cat"}],
-        "annotations": [{"image_id": 1, "category_id": 18, "bbox": [10, 5, 50, 20], "iscrowd": 0}],
-    }))
+    instances.write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "width": 100, "height": 50}, {"id": 2, "width": 100, "height": 50}],
+                "categories": [{"id": 18, "name": "dog"}, {"id": 17, "name": "cat"}],
+                "annotations": [{"image_id": 1, "category_id": 18, "bbox": [10, 5, 50, 20], "iscrowd": 0}],
+            }
+        )
+    )
     dataset, _ = load_karpathy(path, images=tmp_path / "coco", split="train", instances=instances)
     assert dataset["image_id"][:] == ["1", "2"]
     assert dataset["split"][:] == ["train", "train"]
@@ -124,11 +133,14 @@ def test_karpathy_directory_needs_exactly_one_split_file(tmp_path):
 
 def test_missing_images_raise_with_count_and_paths_or_are_skipped_and_reported(tmp_path, caplog):
     write_image(tmp_path / "images" / "present.jpg")
-    path = write_karpathy(tmp_path, [
-        karpathy_entry("gone1.jpg", "test", ["x"]),
-        karpathy_entry("present.jpg", "test", ["a caption"]),
-        karpathy_entry("gone2.jpg", "test", ["y"]),
-    ])
+    path = write_karpathy(
+        tmp_path,
+        [
+            karpathy_entry("gone1.jpg", "test", ["x"]),
+            karpathy_entry("present.jpg", "test", ["a caption"]),
+            karpathy_entry("gone2.jpg", "test", ["y"]),
+        ],
+    )
     with pytest.raises(FileNotFoundError) as error:
         load_karpathy(path)
     assert "2 image file(s) not found" in str(error.value)
@@ -146,10 +158,13 @@ def test_missing_images_raise_with_count_and_paths_or_are_skipped_and_reported(t
 def test_empty_captions_dropped_with_warning_and_uncaptioned_image_is_an_error(tmp_path, caplog):
     for name in ("a.jpg", "b.jpg"):
         write_image(tmp_path / "images" / name)
-    path = write_karpathy(tmp_path, [
-        karpathy_entry("a.jpg", "test", ["fine", "   ", ""]),
-        karpathy_entry("b.jpg", "test", [" \t"]),
-    ])
+    path = write_karpathy(
+        tmp_path,
+        [
+            karpathy_entry("a.jpg", "test", ["fine", "   ", ""]),
+            karpathy_entry("b.jpg", "test", [" \t"]),
+        ],
+    )
     with pytest.raises(ValueError, match="1 image\\(s\\) have no non-empty caption: 'b'"):
         load_karpathy(path)
     with caplog.at_level(logging.WARNING):
@@ -204,24 +219,32 @@ def test_coco_captions_with_instances_and_standard_layout(tmp_path):
         {"id": 42, "file_name": "COCO_val2014_000000000042.jpg", "width": 200, "height": 100},
         {"id": 73, "file_name": "COCO_val2014_000000000073.jpg", "width": 200, "height": 100},
     ]
-    (annotations_dir / "captions_val2014.json").write_text(json.dumps({
-        "images": images,
-        "annotations": [
-            {"id": 1, "image_id": 42, "caption": "A person rides a bike."},
-            {"id": 2, "image_id": 73, "caption": "A bus."},
-            {"id": 3, "image_id": 42, "caption": "Someone on a bicycle."},
-        ],
-    }))
-    (annotations_dir / "instances_val2014.json").write_text(json.dumps({
-        "images": images,
-        "categories": [{"id": 2, "name": "bicycle"}, {"id": 1, "name": "person"}, {"id": 6, "name": "bus"}],
-        "annotations": [
-            {"id": 10, "image_id": 42, "category_id": 1, "bbox": [20, 10, 40, 60], "iscrowd": 0},
-            {"id": 11, "image_id": 42, "category_id": 2, "bbox": [150, 50, 100, 80], "iscrowd": 0},  # overflows
-            {"id": 12, "image_id": 42, "category_id": 1, "bbox": [0, 0, 200, 100], "iscrowd": 1},  # crowd
-            {"id": 13, "image_id": 73, "category_id": 6, "bbox": [5, 5, 0, 10], "iscrowd": 0},  # empty
-        ],
-    }))
+    (annotations_dir / "captions_val2014.json").write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": [
+                    {"id": 1, "image_id": 42, "caption": "A person rides a bike."},
+                    {"id": 2, "image_id": 73, "caption": "A bus."},
+                    {"id": 3, "image_id": 42, "caption": "Someone on a bicycle."},
+                ],
+            }
+        )
+    )
+    (annotations_dir / "instances_val2014.json").write_text(
+        json.dumps(
+            {
+                "images": images,
+                "categories": [{"id": 2, "name": "bicycle"}, {"id": 1, "name": "person"}, {"id": 6, "name": "bus"}],
+                "annotations": [
+                    {"id": 10, "image_id": 42, "category_id": 1, "bbox": [20, 10, 40, 60], "iscrowd": 0},
+                    {"id": 11, "image_id": 42, "category_id": 2, "bbox": [150, 50, 100, 80], "iscrowd": 0},  # overflows
+                    {"id": 12, "image_id": 42, "category_id": 1, "bbox": [0, 0, 200, 100], "iscrowd": 1},  # crowd
+                    {"id": 13, "image_id": 73, "category_id": 6, "bbox": [5, 5, 0, 10], "iscrowd": 0},  # empty
+                ],
+            }
+        )
+    )
     dataset, report = load_coco_captions(
         annotations_dir / "captions_val2014.json", instances=annotations_dir / "instances_val2014.json"
     )
@@ -382,15 +405,24 @@ def test_real_cifar10_test_folder():
 
 def test_hf_save_to_disk_folder_with_embedded_images_and_split_selection(tmp_path):
     image_files = [write_image(tmp_path / "src" / f"{i}.png", color=(i * 60, 0, 0)) for i in range(3)]
-    features = datasets.Features({"img": datasets.Image(), "sentences": datasets.List(datasets.Value("string")),
-                                  "img_id": datasets.Value("int64")})
-    splits = datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"img": [str(image_files[0])], "sentences": [["one"]], "img_id": [0]},
-                                            features=features),
-        "test": datasets.Dataset.from_dict(
-            {"img": [str(f) for f in image_files[1:]], "sentences": [["two", " "], ["three"]], "img_id": [1, 2]},
-            features=features),
-    })
+    features = datasets.Features(
+        {
+            "img": datasets.Image(),
+            "sentences": datasets.List(datasets.Value("string")),
+            "img_id": datasets.Value("int64"),
+        }
+    )
+    splits = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(
+                {"img": [str(image_files[0])], "sentences": [["one"]], "img_id": [0]}, features=features
+            ),
+            "test": datasets.Dataset.from_dict(
+                {"img": [str(f) for f in image_files[1:]], "sentences": [["two", " "], ["three"]], "img_id": [1, 2]},
+                features=features,
+            ),
+        }
+    )
     splits.save_to_disk(str(tmp_path / "saved"))
     for image_file in image_files:  # the saved copy embeds the bytes; originals are not needed
         image_file.unlink()
@@ -411,11 +443,13 @@ def test_hf_save_to_disk_folder_with_embedded_images_and_split_selection(tmp_pat
 def test_hf_local_parquet_with_path_column_split_column_and_missing(tmp_path):
     write_image(tmp_path / "pics" / "a.jpg")
     write_image(tmp_path / "pics" / "b.jpg")
-    datasets.Dataset.from_dict({
-        "filename": ["a.jpg", "b.jpg", "gone.jpg"],
-        "caption": ["an a", "a b", "a gone"],
-        "split": ["test", "train", "test"],
-    }).to_parquet(str(tmp_path / "flickr.parquet"))
+    datasets.Dataset.from_dict(
+        {
+            "filename": ["a.jpg", "b.jpg", "gone.jpg"],
+            "caption": ["an a", "a b", "a gone"],
+            "split": ["test", "train", "test"],
+        }
+    ).to_parquet(str(tmp_path / "flickr.parquet"))
     spec = f"hf:{tmp_path / 'flickr.parquet'}?split=test&split_column=split&images={tmp_path / 'pics'}"
     with pytest.raises(FileNotFoundError, match="1 image file\\(s\\) not found"):
         load_dataset_spec(spec)
@@ -429,8 +463,9 @@ def test_hf_classification_dataset_by_label_column(tmp_path):
     image_files = [write_image(tmp_path / f"{i}.png") for i in range(2)]
     label_feature = datasets.ClassLabel(names=["apple", "bee"])
     features = datasets.Features({"image": datasets.Image(), "fine_label": label_feature})
-    datasets.Dataset.from_dict({"image": [str(f) for f in image_files], "fine_label": [1, 0]},
-                               features=features).save_to_disk(str(tmp_path / "saved"))
+    datasets.Dataset.from_dict(
+        {"image": [str(f) for f in image_files], "fine_label": [1, 0]}, features=features
+    ).save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(ValueError, match="set caption_column="):
         load_hub_dataset(str(tmp_path / "saved"))
     dataset, _ = load_hub_dataset(str(tmp_path / "saved"), label_column="fine_label", split="test")
@@ -488,8 +523,9 @@ def test_spec_files_resolve_relative_paths_against_their_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="gone.jpg"):
         load_dataset_spec(tmp_path / "data.yaml", skip_missing=False)
 
-    (tmp_path / "data.json").write_text(json.dumps({"kind": "karpathy", "path": "dataset_test.json",
-                                                    "images": "imgs", "skip_missing": True}))
+    (tmp_path / "data.json").write_text(
+        json.dumps({"kind": "karpathy", "path": "dataset_test.json", "images": "imgs", "skip_missing": True})
+    )
     assert DatasetSpec.parse(str(tmp_path / "data.json")) == spec
     # A Karpathy split file given bare is recognised without a prefix.
     assert DatasetSpec.parse(str(tmp_path / "dataset_test.json")).kind == "karpathy"
@@ -510,9 +546,14 @@ def test_every_caption_kind_loads_through_its_spec_string(tmp_path):
     (tmp_path / "cc.tsv").write_text("from tsv\timages/1.jpg\n")
     (tmp_path / "t.jsonl").write_text('{"image": "images/1.jpg", "text": "from jsonl"}\n')
     (tmp_path / "t.csv").write_text("path,caption\nimages/1.jpg,from csv\n")
-    (tmp_path / "captions_val2014.json").write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [{"image_id": 1, "caption": "from coco"}],
-    }))
+    (tmp_path / "captions_val2014.json").write_text(
+        json.dumps(
+            {
+                "images": [{"id": 1, "file_name": "1.jpg"}],
+                "annotations": [{"image_id": 1, "caption": "from coco"}],
+            }
+        )
+    )
     specs = {
         f"flickr30k:{tmp_path / 'results.csv'}": "from flickr30k",
         f"tsv:{tmp_path / 'cc.tsv'}": "from tsv",

@@ -75,7 +75,9 @@ def test_new_terms_plug_in_by_name():
     register_loss_term("squared_norm", MeanSquaredNorm)
     outputs = _outputs()
     terms = LossRecipe({"contrastive": 1.0, "squared_norm": 0.1})(outputs)
-    torch.testing.assert_close(terms["loss"], terms["contrastive"] + 0.1 * outputs["image_embeds"].pow(2).sum(-1).mean())
+    torch.testing.assert_close(
+        terms["loss"], terms["contrastive"] + 0.1 * outputs["image_embeds"].pow(2).sum(-1).mean()
+    )
 
 
 def test_gather_with_grad_is_identity_in_one_process():
@@ -132,9 +134,13 @@ def test_similarity_distance_by_hand():
 def test_similarity_kl_by_hand():
     # Target rows softmax([1, 1]) = (0.5, 0.5). At tau = 1, rows of I give q = (0.731059, 0.268941):
     # KL = 0.5 ln(0.5 / 0.731059) + 0.5 ln(0.5 / 0.268941) = 0.120115 on each row.
-    torch.testing.assert_close(similarity_kl(torch.eye(2), torch.ones(2, 2), 1.0), torch.tensor(0.120115), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        similarity_kl(torch.eye(2), torch.ones(2, 2), 1.0), torch.tensor(0.120115), atol=1e-6, rtol=0
+    )
     # At tau = 0.5, q = softmax([2, 0]) = (0.880797, 0.119203): KL = 0.5 (-0.566219 + 1.433781) = 0.433781.
-    torch.testing.assert_close(similarity_kl(torch.eye(2), torch.ones(2, 2), 0.5), torch.tensor(0.433781), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        similarity_kl(torch.eye(2), torch.ones(2, 2), 0.5), torch.tensor(0.433781), atol=1e-6, rtol=0
+    )
 
 
 def test_symmetric_similarity_kl_uses_each_side_as_a_stopped_target():
@@ -164,7 +170,9 @@ def test_symmetric_similarity_distance_by_hand():
 def test_soft_cross_entropy_by_hand():
     # softmax([0, ln 3]) = (0.25, 0.75); -(0.5 ln 0.25 + 0.5 ln 0.75) = 0.836988.
     logits = torch.tensor([[0.0, torch.log(torch.tensor(3.0)).item()]])
-    torch.testing.assert_close(soft_cross_entropy(logits, torch.tensor([[0.5, 0.5]])), torch.tensor(0.836988), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        soft_cross_entropy(logits, torch.tensor([[0.5, 0.5]])), torch.tensor(0.836988), atol=1e-6, rtol=0
+    )
 
 
 def test_intra_modal_contrastive_distillation_by_hand():
@@ -218,5 +226,8 @@ def test_needs_teacher_follows_the_inputs_terms_read():
     assert not LossRecipe({"inter_ss_infonce": 1.0, "inter_ss_sym_kl": 1.0}).needs_teacher
     assert LossRecipe({"inter_ss_sd": 1.0}).needs_teacher  # the teachers' matrix is its target
     assert LossRecipe({"contrastive": 1.0, "image_distill": 1.0}).required_inputs == (
-        "image_embeds", "text_embeds", "logit_scale", "teacher_image_embeds",
-    )  # fmt: skip
+        "image_embeds",
+        "text_embeds",
+        "logit_scale",
+        "teacher_image_embeds",
+    )

@@ -27,7 +27,9 @@ def test_from_clip_matches_clip_embeddings(tiny_clip, tmp_path):
     assert not student.training, "built models come in eval mode, as from_pretrained gives them"
     pixel_values, input_ids, attention_mask = _clip_inputs()
     with torch.no_grad():
-        expected = tiny_clip(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True)
+        expected = tiny_clip(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True
+        )
         got = student(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, return_loss=True)
         image_features = student.get_image_features(pixel_values=pixel_values).pooler_output
         text_features = student.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
@@ -52,13 +54,15 @@ def test_to_clip_round_trip(tiny_clip, tmp_path):
         torch.testing.assert_close(
             exported.get_image_features(pixel_values=pixel_values).pooler_output,
             student.get_image_features(pixel_values=pixel_values).pooler_output,
-            atol=1e-5, rtol=0,
-        )  # fmt: skip
+            atol=1e-5,
+            rtol=0,
+        )
         torch.testing.assert_close(
             exported.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output,
             student.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output,
-            atol=1e-5, rtol=0,
-        )  # fmt: skip
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_to_clip_refuses_other_towers(embedded_student):
@@ -105,7 +109,9 @@ def test_embedded_student_shapes_and_loss(embedded_student, embedded_processor, 
 
 @pytest.fixture()
 def teacher_and_inputs(embedded_student, embedded_processor, sample_photos):
-    teacher = DCLIPTeacherModel.from_backbone(embedded_student, fusion_dim=64, num_attention_heads=4, intermediate_size=96)
+    teacher = DCLIPTeacherModel.from_backbone(
+        embedded_student, fusion_dim=64, num_attention_heads=4, intermediate_size=96
+    )
     inputs = embedded_processor(
         images=list(sample_photos.values())[:3],
         text=["a cat with whiskers", "a cup of coffee on a saucer", "an astronaut in a suit"],
@@ -118,8 +124,9 @@ def test_teacher_starts_at_its_base(teacher_and_inputs, embedded_student):
     teacher, inputs = teacher_and_inputs
     with torch.no_grad():
         enriched = teacher(**inputs)
-        base = embedded_student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                                pixel_values=inputs["pixel_values"])  # fmt: skip
+        base = embedded_student(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=inputs["pixel_values"]
+        )
     torch.testing.assert_close(enriched.image_embeds, base.image_embeds, atol=1e-6, rtol=0)
     torch.testing.assert_close(enriched.text_embeds, base.text_embeds, atol=1e-6, rtol=0)
 
@@ -156,15 +163,27 @@ def test_teacher_accepts_cached_features_and_scores_pairs(teacher_and_inputs):
         teacher.text_gate.fill_(0.7)
         fresh = teacher(**inputs, output_attentions=True)
         region_embeds = teacher.encode_regions(inputs["region_pixel_values"], inputs["region_mask"])
-        cached = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                         region_boxes=inputs["region_boxes"], region_scores=inputs["region_scores"],
-                         region_mask=inputs["region_mask"], region_embeds=region_embeds,
-                         image_embeds=fresh.base_image_embeds)  # fmt: skip
+        cached = teacher(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            region_boxes=inputs["region_boxes"],
+            region_scores=inputs["region_scores"],
+            region_mask=inputs["region_mask"],
+            region_embeds=region_embeds,
+            image_embeds=fresh.base_image_embeds,
+        )
         text_states, text_embeds = teacher.encode_text_tokens(inputs["input_ids"], inputs["attention_mask"])
         scores = teacher.score_pairs(
-            region_embeds, inputs["region_boxes"], inputs["region_scores"], inputs["region_mask"],
-            fresh.base_image_embeds, text_states, inputs["attention_mask"], text_embeds, max_pairs_per_step=4,
-        )  # fmt: skip
+            region_embeds,
+            inputs["region_boxes"],
+            inputs["region_scores"],
+            inputs["region_mask"],
+            fresh.base_image_embeds,
+            text_states,
+            inputs["attention_mask"],
+            text_embeds,
+            max_pairs_per_step=4,
+        )
     torch.testing.assert_close(cached.image_embeds, fresh.image_embeds, atol=1e-5, rtol=0)
     assert scores.shape == (3, 3)
     # The diagonal of the pairwise scores is the paired forward pass.
@@ -181,11 +200,20 @@ def test_from_vision_text_pretrained_with_local_towers(tiny_clip, tmp_path):
     from transformers import BertConfig, BertModel, TimmWrapperConfig, TimmWrapperModel, ViTConfig, ViTModel
 
     torch.manual_seed(0)
-    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                       image_size=30, patch_size=6)).save_pretrained(tmp_path / "vit")  # fmt: skip
+    ViTModel(
+        ViTConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=37,
+            image_size=30,
+            patch_size=6,
+        )
+    ).save_pretrained(tmp_path / "vit")
     TimmWrapperModel(TimmWrapperConfig(architecture="resnet10t", num_labels=3)).save_pretrained(tmp_path / "timm")
-    bert = BertModel(BertConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
-                                vocab_size=99))  # fmt: skip
+    bert = BertModel(
+        BertConfig(hidden_size=24, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, vocab_size=99)
+    )
     bert.save_pretrained(tmp_path / "bert")
     tiny_clip.save_pretrained(tmp_path / "clip")
     input_ids = torch.randint(3, 98, (2, 6))
@@ -193,12 +221,17 @@ def test_from_vision_text_pretrained_with_local_towers(tiny_clip, tmp_path):
     pixel_values = torch.randn(2, 3, 30, 30)
 
     for vision in ("vit", "timm", "clip"):
-        student = DCLIPModel.from_vision_text_pretrained(str(tmp_path / vision), str(tmp_path / "bert"), projection_dim=8)
+        student = DCLIPModel.from_vision_text_pretrained(
+            str(tmp_path / vision), str(tmp_path / "bert"), projection_dim=8
+        )
         output = student(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
         assert output.logits_per_image.shape == (2, 2) and output.image_embeds.shape == (2, 8)
         assert student.config.text_pooling == "mean"
         assert not student.training
-        assert student.config.vision_config.model_type == {"vit": "vit", "timm": "timm_wrapper", "clip": "clip_vision_model"}[vision]
+        assert (
+            student.config.vision_config.model_type
+            == {"vit": "vit", "timm": "timm_wrapper", "clip": "clip_vision_model"}[vision]
+        )
 
     # The text tower really is the saved BERT, mean pooled over real tokens only.
     with torch.no_grad():

@@ -18,7 +18,7 @@ def photo(sample_photos) -> Image.Image:
 
 def _odd_mode_images(photo: Image.Image) -> dict[str, Image.Image]:
     small = photo.resize((64, 48))
-    sixteen_bit = Image.fromarray((np.asarray(small.convert("L"), dtype=np.uint16) * 257)).convert("I;16")
+    sixteen_bit = Image.fromarray(np.asarray(small.convert("L"), dtype=np.uint16) * 257).convert("I;16")
     return {
         "L": small.convert("L"),
         "LA": small.convert("LA"),

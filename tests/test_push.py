@@ -27,10 +27,18 @@ from modeling_dclip.publishing.cards import write_model_cards
 from modeling_dclip.publishing.push import ModelFolderError, check_model_folder, push_model_folder
 
 EXPECTED_FILES = {
-    "README.md", "config.json", "model.safetensors", "configuration_dclip.py", "modeling_dclip.py",
+    "README.md",
+    "config.json",
+    "model.safetensors",
+    "configuration_dclip.py",
+    "modeling_dclip.py",
     "processing_dclip.py",
-    "regions.py", "towers.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
-}  # fmt: skip
+    "regions.py",
+    "towers.py",
+    "processor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
 
 
 @pytest.fixture(scope="module")
@@ -134,25 +142,48 @@ class FakeHub:
             return httpx2.Response(200, json={})
         if re.fullmatch(r"/api/models/(.+)/preupload/(.+)", path):
             files = json.loads(request.content)["files"]
-            return httpx2.Response(200, json={"files": [
-                {"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(".safetensors") else "regular",
-                 "shouldIgnore": False, "oid": None}
-                for f in files
-            ]})  # fmt: skip
+            return httpx2.Response(
+                200,
+                json={
+                    "files": [
+                        {
+                            "path": f["path"],
+                            "uploadMode": "lfs" if f["path"].endswith(".safetensors") else "regular",
+                            "shouldIgnore": False,
+                            "oid": None,
+                        }
+                        for f in files
+                    ]
+                },
+            )
         if re.fullmatch(r"/(.+)\.git/info/lfs/objects/batch", path):
             objects = json.loads(request.content)["objects"]
-            return httpx2.Response(200, json={"transfer": "basic", "objects": [
-                {"oid": o["oid"], "size": o["size"], "authenticated": True,
-                 "actions": {"upload": {"href": f"https://{self.lfs_host}/objects/{o['oid']}"}}}
-                for o in objects
-            ]})  # fmt: skip
+            return httpx2.Response(
+                200,
+                json={
+                    "transfer": "basic",
+                    "objects": [
+                        {
+                            "oid": o["oid"],
+                            "size": o["size"],
+                            "authenticated": True,
+                            "actions": {"upload": {"href": f"https://{self.lfs_host}/objects/{o['oid']}"}},
+                        }
+                        for o in objects
+                    ],
+                },
+            )
         if match := re.fullmatch(r"/api/models/(.+)/commit/(.+)", path):
             lines = [json.loads(line) for line in request.content.splitlines() if line.strip()]
             self.commits.append({"repo_id": match[1], "revision": match[2], "lines": lines})
             return httpx2.Response(
-                200, json={"commitUrl": f"https://huggingface.co/{match[1]}/commit/{'0' * 40}", "commitOid": "0" * 40,
-                           "pullRequestUrl": None},
-            )  # fmt: skip
+                200,
+                json={
+                    "commitUrl": f"https://huggingface.co/{match[1]}/commit/{'0' * 40}",
+                    "commitOid": "0" * 40,
+                    "pullRequestUrl": None,
+                },
+            )
         return httpx2.Response(404, json={"error": f"the fake Hub has no {method} {path}"})
 
 
@@ -169,10 +200,20 @@ def fake_hub(monkeypatch):
 
 
 def test_push_uploads_the_checked_folder_through_huggingface_hub(student_folder, fake_hub, capsys):
-    exit_code = dclip_main([
-        "push", "--model-dir", str(student_folder), "--repo-id", "dclip-org/dclip-student", "--private",
-        "--revision", "v1", "--commit-message", "DCLIP student, run 1",
-    ])  # fmt: skip
+    exit_code = dclip_main(
+        [
+            "push",
+            "--model-dir",
+            str(student_folder),
+            "--repo-id",
+            "dclip-org/dclip-student",
+            "--private",
+            "--revision",
+            "v1",
+            "--commit-message",
+            "DCLIP student, run 1",
+        ]
+    )
     assert exit_code == 0, capsys.readouterr().err
     assert fake_hub.created == [
         {"name": "dclip-student", "organization": "dclip-org", "visibility": "private", "type": "model"}

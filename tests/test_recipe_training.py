@@ -36,9 +36,16 @@ def scenes_spec(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tiny_base, scenes_spec, tmp_path_factory) -> Path:
-    config = TeacherConfig(base_model=str(tiny_base), output_dir=str(tmp_path_factory.mktemp("teacher") / "teacher"),
-                           data=scenes_spec, batch_size=8, max_steps=1, fusion_dim=16, num_attention_heads=2,
-                           intermediate_size=32)  # fmt: skip
+    config = TeacherConfig(
+        base_model=str(tiny_base),
+        output_dir=str(tmp_path_factory.mktemp("teacher") / "teacher"),
+        data=scenes_spec,
+        batch_size=8,
+        max_steps=1,
+        fusion_dim=16,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
     return train_teacher(config)
 
 
@@ -46,13 +53,41 @@ def launch(config_name: str, data: str, output_dir: Path, *overrides: str) -> di
     """Train from `trainers/configs/{config_name}.yaml` (paths and the tiny budget overridden) and return the run's
     `training_complete.json`."""
     result = subprocess.run(
-        [ACCELERATE, "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", str(REPO / "trainers" / "distill_student.py"),
-         "--config", str(CONFIGS / f"{config_name}.yaml"), "--output_dir", str(output_dir), "--data", data,
-         "--batch_size", "8", "--max_steps", "2", "--warmup_steps", "0", "--learning_rate", "1e-3",
-         "--checkpointing_steps", "0", *overrides],
-        env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            ACCELERATE,
+            "launch",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(REPO / "trainers" / "distill_student.py"),
+            "--config",
+            str(CONFIGS / f"{config_name}.yaml"),
+            "--output_dir",
+            str(output_dir),
+            "--data",
+            data,
+            "--batch_size",
+            "8",
+            "--max_steps",
+            "2",
+            "--warmup_steps",
+            "0",
+            "--learning_rate",
+            "1e-3",
+            "--checkpointing_steps",
+            "0",
+            *overrides,
+        ],
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((output_dir / "training_complete.json").read_text())
 
@@ -90,18 +125,24 @@ def test_conaclip_distils_from_a_frozen_dual_encoder(tiny_base, scenes_spec, tmp
     assert_trained_with(summary, "conaclip")
     base, student = load_file(str(tiny_base / "model.safetensors")), load_file(str(out / "model.safetensors"))
     load_plain_student(out)
-    assert changed(base, student, "text_model.") and changed(base, student, "vision_model.")  # the config freezes nothing
+    assert changed(base, student, "text_model.") and changed(
+        base, student, "vision_model."
+    )  # the config freezes nothing
     # The teacher is a DCLIPModel folder, so its targets are its own embeddings of each pair's caption (and image).
     targets = load_file(str(out / "training" / "dual_encoder_targets.safetensors"))
     table = CaptionTable.from_dataset(load_split(scenes_spec, "train"))
-    expected = encode_texts(DCLIPModel.from_pretrained(tiny_base), DCLIPProcessor.from_pretrained(tiny_base), table.captions)
+    expected = encode_texts(
+        DCLIPModel.from_pretrained(tiny_base), DCLIPProcessor.from_pretrained(tiny_base), table.captions
+    )
     torch.testing.assert_close(targets["teacher_text_embeds"], expected, atol=1e-5, rtol=0)
     assert targets["teacher_image_embeds"].shape == expected.shape
 
 
 def test_dclip_plus_conaclip_distils_from_the_dclip_teacher(tiny_base, tiny_teacher, scenes_spec, tmp_path):
     out = tmp_path / "dclip_conaclip"
-    summary = launch("dclip_conaclip", scenes_spec, out, "--base_model", str(tiny_base), "--teacher_model", str(tiny_teacher))
+    summary = launch(
+        "dclip_conaclip", scenes_spec, out, "--base_model", str(tiny_base), "--teacher_model", str(tiny_teacher)
+    )
     assert_trained_with(summary, "dclip+conaclip")
     assert {"image_distill", "text_distill", "intra_ts_fd", "inter_ss_sym_kl"} <= set(summary["loss_weights"])
     assert (out / "training" / "teacher_targets.safetensors").is_file()  # the DCLIP teacher's fused embeddings
@@ -120,22 +161,34 @@ def test_knowledge_clip_trains_against_a_language_model_and_saves_a_plain_studen
     assert {"image_concept", "text_concept"} <= set(summary["last_train_terms"])  # the concept head read both towers
     targets = load_file(str(out / "training" / "text_teacher_targets.safetensors"))
     n_captions = len(CaptionTable.from_dataset(load_split(scenes_spec, "train")).captions)
-    assert targets["teacher_lm_text_embeds"].shape == (n_captions, 384)  # all-MiniLM-L6-v2's width, not the student's 16
+    assert targets["teacher_lm_text_embeds"].shape == (
+        n_captions,
+        384,
+    )  # all-MiniLM-L6-v2's width, not the student's 16
     labels = targets["teacher_concept_labels"]
     assert labels.shape == (n_captions, 4)
     torch.testing.assert_close(labels.sum(-1), torch.ones(n_captions))
     student = load_plain_student(out)  # neither the projection nor the concept head was saved
     assert parameter_counts(student) == parameter_counts(DCLIPModel.from_pretrained(tiny_base))
-    assert changed(load_file(str(tiny_base / "model.safetensors")), load_file(str(out / "model.safetensors")), "text_model.")
+    assert changed(
+        load_file(str(tiny_base / "model.safetensors")), load_file(str(out / "model.safetensors")), "text_model."
+    )
 
 
 def test_two_stage_compression_builds_a_smaller_student_and_fine_tunes_it(tiny_base, scenes_spec, tmp_path):
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
     # The tiny base has CLIP image towers, whose layers are dropped (the config replaces timm backbones instead).
     summary = launch(
-        "compression_stage1", scenes_spec, stage1, "--base_model", str(tiny_base), "--teacher_model", str(tiny_base),
-        "--compress", "{text_layers: every_other, vision_layers: every_other}",
-    )  # fmt: skip
+        "compression_stage1",
+        scenes_spec,
+        stage1,
+        "--base_model",
+        str(tiny_base),
+        "--teacher_model",
+        str(tiny_base),
+        "--compress",
+        "{text_layers: every_other, vision_layers: every_other}",
+    )
     assert_trained_with(summary, "compression_stage1")
     small, big = load_plain_student(stage1), DCLIPModel.from_pretrained(tiny_base)
     assert small.config.text_config.num_hidden_layers == 1 and small.config.vision_config.num_hidden_layers == 1

@@ -106,25 +106,39 @@ def test_edges_connect_the_right_encoders():
     # SD / KL: each arrow's matrix towards the teachers' version of it (students replaced by their teachers).
     sd = lambda a, b: float(np.mean((a - b) ** 2))  # noqa: E731
     assert terms["intra_ts_sd"].item() == pytest.approx(
-        (sd(_sim(outputs, si, ti), _sim(outputs, ti, ti)) + sd(_sim(outputs, st, tt), _sim(outputs, tt, tt))) / 2, abs=1e-5
+        (sd(_sim(outputs, si, ti), _sim(outputs, ti, ti)) + sd(_sim(outputs, st, tt), _sim(outputs, tt, tt))) / 2,
+        abs=1e-5,
     )
     assert terms["intra_ss_sd"].item() == pytest.approx(
-        (sd(_sim(outputs, si, si), _sim(outputs, ti, ti)) + sd(_sim(outputs, st, st), _sim(outputs, tt, tt))) / 2, abs=1e-5
+        (sd(_sim(outputs, si, si), _sim(outputs, ti, ti)) + sd(_sim(outputs, st, st), _sim(outputs, tt, tt))) / 2,
+        abs=1e-5,
     )
     assert terms["inter_ss_kl"].item() == pytest.approx(
-        (_kl(_sim(outputs, ti, tt), _sim(outputs, si, st), tau) + _kl(_sim(outputs, tt, ti), _sim(outputs, st, si), tau)) / 2,
+        (
+            _kl(_sim(outputs, ti, tt), _sim(outputs, si, st), tau)
+            + _kl(_sim(outputs, tt, ti), _sim(outputs, st, si), tau)
+        )
+        / 2,
         abs=1e-5,
     )
     assert terms["inter_ts_kl"].item() == pytest.approx(
-        (_kl(_sim(outputs, ti, tt), _sim(outputs, si, tt), tau) + _kl(_sim(outputs, tt, ti), _sim(outputs, st, ti), tau)) / 2,
+        (
+            _kl(_sim(outputs, ti, tt), _sim(outputs, si, tt), tau)
+            + _kl(_sim(outputs, tt, ti), _sim(outputs, st, ti), tau)
+        )
+        / 2,
         abs=1e-5,
     )
     # Sym: the two paired arrows' matrices are each other's targets.
     first, second = _sim(outputs, si, ti), _sim(outputs, st, tt)
     assert terms["intra_ts_sym_sd"].item() == pytest.approx(sd(first, second), abs=1e-5)
-    assert terms["intra_ts_sym_kl"].item() == pytest.approx((_kl(second, first, tau) + _kl(first, second, tau)) / 2, abs=1e-5)
+    assert terms["intra_ts_sym_kl"].item() == pytest.approx(
+        (_kl(second, first, tau) + _kl(first, second, tau)) / 2, abs=1e-5
+    )
     first, second = _sim(outputs, si, si), _sim(outputs, st, st)
-    assert terms["intra_ss_sym_kl"].item() == pytest.approx((_kl(second, first, tau) + _kl(first, second, tau)) / 2, abs=1e-5)
+    assert terms["intra_ss_sym_kl"].item() == pytest.approx(
+        (_kl(second, first, tau) + _kl(first, second, tau)) / 2, abs=1e-5
+    )
     first, second = _sim(outputs, si, st), _sim(outputs, st, si)
     assert terms["inter_ss_sym_sd"].item() == pytest.approx(sd(first, second), abs=1e-5)
 
@@ -137,7 +151,9 @@ def test_default_conaclip_recipe_and_per_edge_weights():
     assert weights == {"intra_ts_fd": 2.0, "inter_ss_infonce": 1.0, "inter_ss_sym_kl": 0.5}
     outputs = _outputs()
     terms = LossRecipe(weights)(outputs)
-    torch.testing.assert_close(terms["loss"], 2.0 * terms["intra_ts_fd"] + terms["inter_ss_infonce"] + 0.5 * terms["inter_ss_sym_kl"])
+    torch.testing.assert_close(
+        terms["loss"], 2.0 * terms["intra_ts_fd"] + terms["inter_ss_infonce"] + 0.5 * terms["inter_ss_sym_kl"]
+    )
     # A fixed temperature per term instead of 1 / logit_scale.
     fixed = LossRecipe({"inter_ss_kl": 1.0}, {"inter_ss_kl": {"temperature": 0.1}})(outputs)["inter_ss_kl"]
     torch.testing.assert_close(fixed, LossRecipe({"inter_ss_kl": 1.0})(outputs)["inter_ss_kl"])
@@ -166,18 +182,27 @@ def minilm_tokenizer():
 
 
 CAPTIONS = [
-    "a dog runs on the grass", "a black dog jumps over a log", "two dogs play in the park",
-    "a man rides a bike", "a woman cycles down the road", "people on bicycles in a race",
-    "a bowl of soup", "a plate of pasta with sauce",
-]  # fmt: skip
+    "a dog runs on the grass",
+    "a black dog jumps over a log",
+    "two dogs play in the park",
+    "a man rides a bike",
+    "a woman cycles down the road",
+    "people on bicycles in a race",
+    "a bowl of soup",
+    "a plate of pasta with sauce",
+]
 
 
 def test_text_teacher_mean_pools_a_tiny_random_llama(minilm_tokenizer):
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
-    )  # fmt: skip
+        vocab_size=minilm_tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     causal = LlamaForCausalLM(config)
     teacher = TextTeacher(causal, minilm_tokenizer)
     batched = teacher.encode(CAPTIONS[:3], batch_size=3)
@@ -190,13 +215,15 @@ def test_text_teacher_mean_pools_a_tiny_random_llama(minilm_tokenizer):
     torch.testing.assert_close(TextTeacher(base, minilm_tokenizer).encode(CAPTIONS[:3]), batched, atol=1e-5, rtol=1e-5)
     tokens = minilm_tokenizer(CAPTIONS[:1], return_tensors="pt")
     states = base(**tokens).last_hidden_state
-    torch.testing.assert_close(teacher(tokens["input_ids"], tokens["attention_mask"]), states.mean(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        teacher(tokens["input_ids"], tokens["attention_mask"]), states.mean(1), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_concept_labels_are_distributions_over_kmeans_centroids():
     generator = torch.Generator().manual_seed(0)
     centres = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
-    embeddings = (centres.repeat_interleave(10, 0) + 0.3 * torch.randn(30, 3, generator=generator))
+    embeddings = centres.repeat_interleave(10, 0) + 0.3 * torch.randn(30, 3, generator=generator)
     centroids = fit_concept_centroids(embeddings, 3)
     assert centroids.shape == (3, 3)
     labels = soft_concept_labels(embeddings, centroids, temperature=0.1)
@@ -215,7 +242,11 @@ def test_concept_head_trains_on_a_tiny_problem():
     embeds = torch.randn(16, 8)
     labels = torch.softmax(3 * torch.randn(16, 4), dim=-1)
     loss_fn = ConceptLearningLoss(embed_dim=8, num_concepts=4)
-    outputs = {"image_embeds": embeds, "text_embeds": embeds + 0.1 * torch.randn(16, 8), "teacher_concept_labels": labels}
+    outputs = {
+        "image_embeds": embeds,
+        "text_embeds": embeds + 0.1 * torch.randn(16, 8),
+        "teacher_concept_labels": labels,
+    }
     optimizer = torch.optim.Adam(loss_fn.parameters(), lr=0.1)
     losses = []
     for _ in range(30):
@@ -255,11 +286,16 @@ def test_knowledge_clip_recipe_end_to_end_with_minilm_teacher():
     trainable = sum(p.numel() for p in recipe.parameters())
     assert trainable == 16 * 384 + (16 * 3 + 3)  # W_e and the shared concept head: the training-only parameters
     generator = torch.Generator().manual_seed(0)
-    outputs = {"image_embeds": torch.randn(8, 16, generator=generator), "text_embeds": torch.randn(8, 16, generator=generator)}
+    outputs = {
+        "image_embeds": torch.randn(8, 16, generator=generator),
+        "text_embeds": torch.randn(8, 16, generator=generator),
+    }
     terms = recipe({**outputs, **targets, "logit_scale": torch.tensor(20.0)})
     assert {"text_embedding_distill", "concept", "image_concept", "text_concept", "contrastive", "loss"} == set(terms)
     with pytest.raises(ValueError, match="'concept' could not be built"):
-        LossRecipe("knowledge_clip", {"text_embedding_distill": {"student_dim": 16, "teacher_dim": 384}})  # no head size
+        LossRecipe(
+            "knowledge_clip", {"text_embedding_distill": {"student_dim": 16, "teacher_dim": 384}}
+        )  # no head size
 
 
 # --- two-stage compression -------------------------------------------------------------------------------------------
@@ -271,9 +307,13 @@ def _tiny_student(vision_config=None) -> DCLIPModel:
         hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4, image_size=30, patch_size=6
     )
     text = BertConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=37,
         max_position_embeddings=64,
-    )  # fmt: skip
+    )
     return DCLIPModel(DCLIPConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=16)).eval()
 
 
@@ -294,11 +334,16 @@ def test_compression_keeps_chosen_layers_with_source_weights_and_round_trips(tmp
     small = compress_student(student, text_layers="every_other", vision_layers=[0, 3])
     assert small.config.text_config.num_hidden_layers == 2 and small.config.vision_config.num_hidden_layers == 2
     for new, old in enumerate([1, 3]):
-        for (name, kept), source in zip(small.text_model.encoder.layer[new].state_dict().items(),
-                                        student.text_model.encoder.layer[old].state_dict().values()):  # fmt: skip
+        for (name, kept), source in zip(
+            small.text_model.encoder.layer[new].state_dict().items(),
+            student.text_model.encoder.layer[old].state_dict().values(),
+        ):
             assert torch.equal(kept, source), name
     for new, old in enumerate([0, 3]):
-        kept, source = small.vision_model.encoder.layers[new].state_dict(), student.vision_model.encoder.layers[old].state_dict()
+        kept, source = (
+            small.vision_model.encoder.layers[new].state_dict(),
+            student.vision_model.encoder.layers[old].state_dict(),
+        )
         assert all(torch.equal(kept[name], source[name]) for name in source)
     for part in ("text_model.embeddings", "vision_model.embeddings", "visual_projection", "text_projection"):
         kept, source = small.get_submodule(part).state_dict(), student.get_submodule(part).state_dict()
@@ -310,8 +355,9 @@ def test_compression_keeps_chosen_layers_with_source_weights_and_round_trips(tmp
     input_ids, attention_mask = torch.tensor([[2, 5, 7, 9], [2, 4, 3, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     pixel_values = torch.randn(2, 3, 30, 30)
     with torch.no_grad():
-        expected, actual = small(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask), loaded(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask
+        expected, actual = (
+            small(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask),
+            loaded(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask),
         )
     torch.testing.assert_close(actual.logits_per_text, expected.logits_per_text)
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset, Features, List, Value
-from datasets import Image as ImageFeature
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
 
@@ -94,8 +93,9 @@ def test_dataset_boxes_become_regions_after_the_whole_image(scenes, tmp_path):
     expected = [regions_from_boxes(row["boxes"], labels=row["labels"], max_regions=4) for row in scenes]
     assert_regions_equal(with_regions, expected)
     assert any(len(regions) == 4 for regions in expected) and any(len(regions) < 4 for regions in expected)
-    again = add_region_boxes(make_synthetic_dataset(6, seed=3, split="train", image_size=48), DatasetBoxes(max_regions=4),
-                             cache_dir=tmp_path)  # fmt: skip
+    again = add_region_boxes(
+        make_synthetic_dataset(6, seed=3, split="train", image_size=48), DatasetBoxes(max_regions=4), cache_dir=tmp_path
+    )
     assert len(cache_files(tmp_path)) == 1 and again[:] == with_regions[:]
 
 
@@ -129,7 +129,9 @@ def test_yolo_boxes_are_cached_and_keyed_by_the_weights_bytes(scenes, yolo_weigh
     monkeypatch.setenv("YOLO_OFFLINE", "1")
     rows = scenes.select(range(4))
     settings = dict(conf=0.5, max_regions=4, imgsz=64, batch_size=3)
-    with_regions = add_region_boxes(rows, YoloRegionExtractor(yolo_weights, **settings), cache_dir=tmp_path, batch_size=4)
+    with_regions = add_region_boxes(
+        rows, YoloRegionExtractor(yolo_weights, **settings), cache_dir=tmp_path, batch_size=4
+    )
     expected = YoloRegionExtractor(yolo_weights, **settings)(list(rows["image"]))
     assert all(len(regions) == 4 and (regions.labels[1:] == DETECTED_CLASS).all() for regions in expected)
     assert_regions_equal(with_regions, expected)
@@ -151,11 +153,23 @@ def test_yolo_boxes_are_cached_and_keyed_by_the_weights_bytes(scenes, yolo_weigh
 
 def tiny_teacher() -> tuple[DCLIPTeacherModel, DCLIPProcessor]:
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=32, patch_size=8)  # fmt: skip
-    text = CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          vocab_size=30522, max_position_embeddings=64, bos_token_id=101, eos_token_id=102, pad_token_id=0)  # fmt: skip
-    base = DCLIPModel(DCLIPConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=8, text_pooling="mean"))
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    text = CLIPTextConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=30522,
+        max_position_embeddings=64,
+        bos_token_id=101,
+        eos_token_id=102,
+        pad_token_id=0,
+    )
+    base = DCLIPModel(
+        DCLIPConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=8, text_pooling="mean")
+    )
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = DCLIPProcessor(image_processor=image_processor, tokenizer=load_tokenizer(EMBEDDED_TEXT))
     teacher = DCLIPTeacherModel.from_backbone(base, fusion_dim=8, num_attention_heads=2, intermediate_size=16)

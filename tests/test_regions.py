@@ -111,9 +111,7 @@ def test_grid_rejects_bad_settings_and_inputs():
 
 
 def test_regions_from_pixel_boxes_are_normalised():
-    regions = regions_from_boxes(
-        [[10, 20, 50, 60], [0, 0, 100, 250]], labels=[3, 4], image_size=(100, 200)
-    )
+    regions = regions_from_boxes([[10, 20, 50, 60], [0, 0, 100, 250]], labels=[3, 4], image_size=(100, 200))
     assert_valid_regions(regions)
     np.testing.assert_allclose(regions.boxes[1], [0.1, 0.1, 0.5, 0.3])
     # A pixel box running past the image edge is clipped to it.

@@ -17,7 +17,6 @@ from modeling_dclip.evaluation import (
     retrieval_metrics_from_embeddings,
 )
 
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = [
     "text_to_image_R@1",

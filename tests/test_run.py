@@ -16,10 +16,20 @@ from modeling_dclip.training.checkpointing import is_complete
 from modeling_dclip.training.teacher import TeacherStep
 
 METRIC_KEYS = {
-    "text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "image_to_text_R@1", "image_to_text_R@5",
-    "image_to_text_R@10", "text_to_image_mAP", "image_to_text_mAP", "text_to_image_MRR", "image_to_text_MRR",
-    "compositional_accuracy", "zeroshot_top1", "zeroshot_top5",
-}  # fmt: skip
+    "text_to_image_R@1",
+    "text_to_image_R@5",
+    "text_to_image_R@10",
+    "image_to_text_R@1",
+    "image_to_text_R@5",
+    "image_to_text_R@10",
+    "text_to_image_mAP",
+    "image_to_text_mAP",
+    "text_to_image_MRR",
+    "image_to_text_MRR",
+    "compositional_accuracy",
+    "zeroshot_top1",
+    "zeroshot_top5",
+}
 
 
 @pytest.mark.slow
@@ -67,7 +77,9 @@ def test_failing_stage_is_named_and_finished_stages_are_kept(tmp_path, capsys):
     assert is_complete(out / "base") and not is_complete(out / "teacher")
 
 
-def _teacher_batch(teacher: DCLIPTeacherModel, batch: int, regions: int = 3, tokens: int = 5) -> dict[str, torch.Tensor]:
+def _teacher_batch(
+    teacher: DCLIPTeacherModel, batch: int, regions: int = 3, tokens: int = 5
+) -> dict[str, torch.Tensor]:
     """Cached-feature inputs of `fuse` for `batch` pairs, with padded regions and tokens."""
     generator = torch.Generator().manual_seed(0)
     embed_dim, hidden = teacher.config.base_config.projection_dim, teacher.base.text_embed_dim
@@ -89,13 +101,16 @@ def _teacher_batch(teacher: DCLIPTeacherModel, batch: int, regions: int = 3, tok
 
 
 def test_pairwise_teacher_objective_trains_the_evaluation_score(tiny_clip):
-    teacher = DCLIPTeacherModel.from_backbone(DCLIPModel.from_clip(tiny_clip), fusion_dim=16, num_attention_heads=2,
-                                              intermediate_size=32, dropout=0.0)  # fmt: skip
+    teacher = DCLIPTeacherModel.from_backbone(
+        DCLIPModel.from_clip(tiny_clip), fusion_dim=16, num_attention_heads=2, intermediate_size=32, dropout=0.0
+    )
     with torch.no_grad():
         teacher.image_gate.fill_(0.5)
         teacher.text_gate.fill_(0.5)
     batch = _teacher_batch(teacher, batch=4)
-    image_inputs = {k: batch[k] for k in ("region_embeds", "region_boxes", "region_scores", "region_mask", "image_embeds")}
+    image_inputs = {
+        k: batch[k] for k in ("region_embeds", "region_boxes", "region_scores", "region_mask", "image_embeds")
+    }
     text_inputs = {k: batch[k] for k in ("text_states", "attention_mask", "text_embeds")}
     with torch.no_grad():
         scores = teacher.score_pairs(**image_inputs, **text_inputs, max_pairs_per_step=3)  # several steps

@@ -53,9 +53,7 @@ COUNT_WORDS = {"two": 2, "three": 3, "four": 4}
 
 OBJECT = rf"(?:({'|'.join(SIZE_WORDS)}) )?({'|'.join(COLORS)}) ({'|'.join(SHAPES)})"
 OBJECT_NO_GROUPS = re.sub(r"\((?!\?)", "(?:", OBJECT)
-RELATION = re.compile(
-    rf"{OBJECT} (?:is |sitting |placed )?({'|'.join(RELATION_WORDS)}) (?:an? |the ){OBJECT}"
-)
+RELATION = re.compile(rf"{OBJECT} (?:is |sitting |placed )?({'|'.join(RELATION_WORDS)}) (?:an? |the ){OBJECT}")
 POSITION = re.compile(rf"{OBJECT} ({'|'.join(POSITION_WORDS)})")
 
 

@@ -24,17 +24,38 @@ DCLIP = str(Path(sys.executable).with_name("dclip"))
 
 @pytest.fixture(scope="module")
 def data_yaml(tmp_path_factory) -> Path:
-    return export_yolo(make_synthetic_dataset(8, image_size=96), tmp_path_factory.mktemp("scenes") / "yolo", val_fraction=0.25)
+    return export_yolo(
+        make_synthetic_dataset(8, image_size=96), tmp_path_factory.mktemp("scenes") / "yolo", val_fraction=0.25
+    )
 
 
 def test_cli_trains_one_epoch_and_the_weights_plug_into_the_extractor(data_yaml, tmp_path):
     run_dir = tmp_path / "detector"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
-        [DCLIP, "train-detector", "--data", str(data_yaml), "--epochs", "1", "--imgsz", "96", "--batch", "4",
-         "--workers", "0", "--device", "cpu", "--output-dir", str(run_dir)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            DCLIP,
+            "train-detector",
+            "--data",
+            str(data_yaml),
+            "--epochs",
+            "1",
+            "--imgsz",
+            "96",
+            "--batch",
+            "4",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--output-dir",
+            str(run_dir),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     weights = Path(result.stdout.strip().splitlines()[-1])
     assert weights == run_dir / "weights" / "best.pt" and weights.is_file()
@@ -69,7 +90,9 @@ def test_missing_or_malformed_data_file_is_a_clear_error(data_yaml, tmp_path, ca
     with pytest.raises(ValueError, match=r"missing key\(s\) \['val'\]"):
         train_detector(no_val, output_dir=tmp_path / "run")
     wrong_split = tmp_path / "wrong_split.yaml"
-    wrong_split.write_text(yaml.safe_dump({"path": str(data_yaml.parent), "train": "images/train", "val": "images/nope", "names": ["a"]}))
+    wrong_split.write_text(
+        yaml.safe_dump({"path": str(data_yaml.parent), "train": "images/train", "val": "images/nope", "names": ["a"]})
+    )
     with pytest.raises(FileNotFoundError, match="'val' images not found"):
         train_detector(wrong_split, output_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists(), "a bad data file must fail before anything is written"

@@ -18,11 +18,18 @@ from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig, get_scheduler
 
 from modeling_dclip import EMBEDDED_TEXT, DCLIPConfig, DCLIPModel, DCLIPProcessor
-from modeling_dclip.training import AlignConfig, DistillConfig, TeacherConfig, align_base, distill_student, train_teacher
+from modeling_dclip.towers import load_tokenizer
+from modeling_dclip.training import (
+    AlignConfig,
+    DistillConfig,
+    TeacherConfig,
+    align_base,
+    distill_student,
+    train_teacher,
+)
 from modeling_dclip.training.batching import PairBatches, shard
 from modeling_dclip.training.checkpointing import checkpoint_folders
 from modeling_dclip.training.config import parse_stage_config
-from modeling_dclip.towers import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -32,10 +39,23 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 def save_tiny_base(path: Path) -> Path:
     """A tiny random dual encoder (CLIP towers, mean-pooled text) with a real tokenizer, saved with its processor."""
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
-    text = CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=30522,
-                          max_position_embeddings=64, bos_token_id=101, eos_token_id=102, pad_token_id=0)  # fmt: skip
-    model = DCLIPModel(DCLIPConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=16, text_pooling="mean"))
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    text = CLIPTextConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=30522,
+        max_position_embeddings=64,
+        bos_token_id=101,
+        eos_token_id=102,
+        pad_token_id=0,
+    )
+    model = DCLIPModel(
+        DCLIPConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=16, text_pooling="mean")
+    )
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor = DCLIPProcessor(image_processor=image_processor, tokenizer=load_tokenizer(EMBEDDED_TEXT))
     model.save_pretrained(path)
@@ -87,7 +107,17 @@ def test_cli_overrides_are_yaml_typed(tmp_path):
     config_file = tmp_path / "distill.yaml"
     config_file.write_text("learning_rate: 1.0e-3\nfreeze_patterns: ['text_model.*']\n")
     config = parse_stage_config(
-        DistillConfig, ["--config", str(config_file), "--learning_rate", "2e-5", "--loss_weights", "{contrastive: 1}", "--output_dir", "123"]
+        DistillConfig,
+        [
+            "--config",
+            str(config_file),
+            "--learning_rate",
+            "2e-5",
+            "--loss_weights",
+            "{contrastive: 1}",
+            "--output_dir",
+            "123",
+        ],
     )
     assert config.learning_rate == 2e-5 and config.loss_weights == {"contrastive": 1}
     assert config.freeze_patterns == ["text_model.*"] and config.output_dir == "123"
@@ -97,11 +127,30 @@ def test_cli_overrides_are_yaml_typed(tmp_path):
 
 def test_default_freezing_keeps_text_tower_bit_identical(tiny_base, scenes, tmp_path):
     teacher_dir = train_teacher(
-        TeacherConfig(base_model=str(tiny_base), output_dir=str(tmp_path / "teacher"), batch_size=8, max_steps=1,
-                      fusion_dim=16, num_attention_heads=2, intermediate_size=32), scenes)  # fmt: skip
+        TeacherConfig(
+            base_model=str(tiny_base),
+            output_dir=str(tmp_path / "teacher"),
+            batch_size=8,
+            max_steps=1,
+            fusion_dim=16,
+            num_attention_heads=2,
+            intermediate_size=32,
+        ),
+        scenes,
+    )
     student_dir = distill_student(
-        DistillConfig(base_model=str(tiny_base), teacher_model=str(teacher_dir), output_dir=str(tmp_path / "student"),
-                      batch_size=8, max_steps=2, warmup_steps=0, learning_rate=1e-2, checkpointing_steps=2), scenes)  # fmt: skip
+        DistillConfig(
+            base_model=str(tiny_base),
+            teacher_model=str(teacher_dir),
+            output_dir=str(tmp_path / "student"),
+            batch_size=8,
+            max_steps=2,
+            warmup_steps=0,
+            learning_rate=1e-2,
+            checkpointing_steps=2,
+        ),
+        scenes,
+    )
     before, after = load_file(str(tiny_base / "model.safetensors")), load_file(str(student_dir / "model.safetensors"))
     text_names = [name for name in before if name.startswith("text_model.")]
     assert text_names
@@ -119,25 +168,43 @@ def test_default_freezing_keeps_text_tower_bit_identical(tiny_base, scenes, tmp_
     held = [index for group in optimizer["param_groups"] for index in group["params"]]
     assert len(held) == len(trainable)
     shapes = {index: p.shape for index, (_, p) in zip(held, trainable)}
-    assert optimizer["state"] and all(state["exp_avg"].shape == shapes[index] for index, state in optimizer["state"].items())
+    assert optimizer["state"] and all(
+        state["exp_avg"].shape == shapes[index] for index, state in optimizer["state"].items()
+    )
 
 
 def test_lora_adapter_loads_with_peft_and_merges(tiny_base, scenes, tmp_path):
     from peft import PeftModel
 
     out = distill_student(
-        DistillConfig(base_model=str(tiny_base), teacher_model=None, loss_weights={"contrastive": 1.0},
-                      output_dir=str(tmp_path / "lora"), batch_size=8, max_steps=2, learning_rate=1e-2, warmup_steps=0,
-                      lora_r=2, lora_target_modules=["q_proj", "v_proj"]), scenes)  # fmt: skip
+        DistillConfig(
+            base_model=str(tiny_base),
+            teacher_model=None,
+            loss_weights={"contrastive": 1.0},
+            output_dir=str(tmp_path / "lora"),
+            batch_size=8,
+            max_steps=2,
+            learning_rate=1e-2,
+            warmup_steps=0,
+            lora_r=2,
+            lora_target_modules=["q_proj", "v_proj"],
+        ),
+        scenes,
+    )
     adapted = PeftModel.from_pretrained(DCLIPModel.from_pretrained(tiny_base), out / "adapter")
     merged = DCLIPModel.from_pretrained(out)
     pixels = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(
-        adapted.get_image_features(pixel_values=pixels).pooler_output, merged.get_image_features(pixel_values=pixels).pooler_output,
-        atol=1e-5, rtol=1e-5,
+        adapted.get_image_features(pixel_values=pixels).pooler_output,
+        merged.get_image_features(pixel_values=pixels).pooler_output,
+        atol=1e-5,
+        rtol=1e-5,
     )
     base = DCLIPModel.from_pretrained(tiny_base)
-    assert not torch.allclose(base.get_image_features(pixel_values=pixels).pooler_output, merged.get_image_features(pixel_values=pixels).pooler_output)
+    assert not torch.allclose(
+        base.get_image_features(pixel_values=pixels).pooler_output,
+        merged.get_image_features(pixel_values=pixels).pooler_output,
+    )
 
 
 SUBPROCESS_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -168,10 +235,26 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def _align_args(base: Path, out: Path, *extra: str) -> list[str]:
     return [
-        "--init_from", str(base), "--output_dir", str(out), "--data", "synthetic:?n=16&split=train", "--batch_size", "4",
-        "--max_steps", "10", "--learning_rate", "1e-2", "--warmup_steps", "2", "--train_text_tower", "true",
-        "--unlock_vision_blocks", "1", *extra,
-    ]  # fmt: skip
+        "--init_from",
+        str(base),
+        "--output_dir",
+        str(out),
+        "--data",
+        "synthetic:?n=16&split=train",
+        "--batch_size",
+        "4",
+        "--max_steps",
+        "10",
+        "--learning_rate",
+        "1e-2",
+        "--warmup_steps",
+        "2",
+        "--train_text_tower",
+        "true",
+        "--unlock_vision_blocks",
+        "1",
+        *extra,
+    ]
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -190,8 +273,10 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tiny_base, tmp_path):
         # 4 batches per epoch: the kill lands in step 8 of 10, in the second epoch, after the step_6 checkpoint.
         process = subprocess.Popen(
             [PYTHON, str(wrapper), str(marker), "8", str(REPO / "trainers" / "align_base.py"), *argv],
-            env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=stderr,
-        )  # fmt: skip
+            env=SUBPROCESS_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
         deadline = time.time() + 240
         while not marker.exists() and process.poll() is None and time.time() < deadline:
             time.sleep(0.05)
@@ -215,13 +300,26 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tiny_base, tmp_path):
 
 def test_bf16_accumulation_warmup_clipping_and_tensorboard(tiny_base, tmp_path):
     common = dict(
-        init_from=str(tiny_base), data="synthetic:?n=16&split=train", batch_size=4, gradient_accumulation_steps=2,
-        max_steps=3, learning_rate=1e-2, warmup_steps=2, lr_scheduler="cosine", unlock_vision_blocks=1,
-    )  # fmt: skip
+        init_from=str(tiny_base),
+        data="synthetic:?n=16&split=train",
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        lr_scheduler="cosine",
+        unlock_vision_blocks=1,
+    )
     base = _weights(tiny_base)
     fp32 = _weights(align_base(AlignConfig(output_dir=str(tmp_path / "fp32"), **common)))
     bf16_dir = align_base(
-        AlignConfig(output_dir=str(tmp_path / "bf16"), mixed_precision="bf16", report_to="tensorboard", logging_steps=1, **common)
+        AlignConfig(
+            output_dir=str(tmp_path / "bf16"),
+            mixed_precision="bf16",
+            report_to="tensorboard",
+            logging_steps=1,
+            **common,
+        )
     )
     bf16 = _weights(bf16_dir)
     # Clipping to a 1e-12 norm leaves AdamW steps of about lr * 1e-12 / eps: the weights barely move.
@@ -257,11 +355,31 @@ def _distill_args(base: Path, out: Path) -> list[str]:
     # `k_proj.bias` has no gradient (softmax ignores a constant added to every key); AdamW would turn the rounding
     # noise two processes leave there into full-size steps, so it is frozen with the text tower.
     return [
-        "--base_model", str(base), "--teacher_model", "null", "--loss_weights", "{contrastive: 1}", "--logit_scale", "0",
-        "--freeze_patterns", "[text_model.*, '*.k_proj.bias']", "--output_dir", str(out),
-        "--data", "synthetic:?n=16&split=train", "--batch_size", "4", "--gradient_accumulation_steps", "2",
-        "--max_steps", "2", "--learning_rate", "1e-2", "--warmup_steps", "1",
-    ]  # fmt: skip
+        "--base_model",
+        str(base),
+        "--teacher_model",
+        "null",
+        "--loss_weights",
+        "{contrastive: 1}",
+        "--logit_scale",
+        "0",
+        "--freeze_patterns",
+        "[text_model.*, '*.k_proj.bias']",
+        "--output_dir",
+        str(out),
+        "--data",
+        "synthetic:?n=16&split=train",
+        "--batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_steps",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--warmup_steps",
+        "1",
+    ]
 
 
 @pytest.mark.slow
@@ -272,10 +390,26 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_base, tmp_path)
     single, double = tmp_path / "one", tmp_path / "two"
     distill_student(parse_stage_config(DistillConfig, _distill_args(tiny_base, single)))
     result = subprocess.run(
-        [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", str(REPO / "trainers" / "distill_student.py"), *_distill_args(tiny_base, double)],
-        env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            ACCELERATE,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(REPO / "trainers" / "distill_student.py"),
+            *_distill_args(tiny_base, double),
+        ],
+        env=SUBPROCESS_ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((double / "training_complete.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 2
@@ -283,6 +417,8 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_base, tmp_path)
     assert sorted(path.name for path in double.glob("*.safetensors")) == ["model.safetensors"]
     assert not (double / ".saving").exists()
     expected, actual, base = _weights(single), _weights(double), _weights(tiny_base)
-    assert not torch.equal(expected["vision_model.encoder.layers.0.mlp.fc1.weight"], base["vision_model.encoder.layers.0.mlp.fc1.weight"])
+    assert not torch.equal(
+        expected["vision_model.encoder.layers.0.mlp.fc1.weight"], base["vision_model.encoder.layers.0.mlp.fc1.weight"]
+    )
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=1e-5, rtol=0, msg=name)

@@ -21,7 +21,6 @@ from modeling_dclip.evaluation import (
     zeroshot_classification,
 )
 
-
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 CLIP_TOKENIZER = SHARED / "clip-tokenizer"
 CIFAR10_TEST = SHARED / "data" / "cifar10-test"
@@ -172,7 +171,11 @@ def test_named_template_and_classname_sets():
     imagenet = get_classnames("imagenet")
     assert len(imagenet) == 1000
     assert (imagenet[0], imagenet[281], imagenet[409], imagenet[817], imagenet[999]) == (
-        "tench", "tabby cat", "analog clock", "sports car", "toilet paper",
-    )  # fmt: skip
+        "tench",
+        "tabby cat",
+        "analog clock",
+        "sports car",
+        "toilet paper",
+    )
     with pytest.raises(ValueError, match="Unknown template set 'mnist'"):
         get_templates("mnist")

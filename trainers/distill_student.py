@@ -1,7 +1,8 @@
 """`accelerate launch trainers/distill_student.py --config trainers/configs/distill_student.yaml [--<field> VALUE ...]`
 
-Thin entry point: every field of `modeling_dclip.training.DistillConfig` can be set in the YAML file or overridden on the
-command line (values are read as YAML: `--loss_weights '{contrastive: 1}'`, `--freeze_patterns '[text_model.*]'`).
+Thin entry point: every field of `modeling_dclip.training.DistillConfig` can be set in the YAML file or overridden
+on the command line (values are read as YAML: `--loss_weights '{contrastive: 1}'`,
+`--freeze_patterns '[text_model.*]'`).
 """
 
 import sys

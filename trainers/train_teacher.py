@@ -1,12 +1,13 @@
 """`accelerate launch trainers/train_teacher.py --config trainers/configs/train_teacher.yaml [--<field> VALUE ...]`
 
-Thin entry point: every field of `modeling_dclip.training.TeacherConfig` can be set in the YAML file or overridden on the
-command line (values are read as YAML: `--loss_weights '{contrastive: 1}'`, `--freeze_patterns '[text_model.*]'`).
+Thin entry point: every field of `modeling_dclip.training.TeacherConfig` can be set in the YAML file or overridden
+on the command line (values are read as YAML: `--loss_weights '{contrastive: 1}'`,
+`--freeze_patterns '[text_model.*]'`).
 """
 
 import sys
 
-from modeling_dclip.training import TeacherConfig, train_teacher, parse_stage_config
+from modeling_dclip.training import TeacherConfig, parse_stage_config, train_teacher
 
 
 def main(argv: list[str] | None = None) -> int:

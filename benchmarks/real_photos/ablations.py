@@ -49,7 +49,10 @@ def train_teacher_variant(run: Path, folder: Path, overrides: dict[str, Any], sp
     teacher, processor = DCLIPTeacherModel.from_pretrained(folder).eval(), DCLIPProcessor.from_pretrained(folder)
     scores = {}
     for split in ("val", "test"):
-        regions = cached(folder / f"{split}_regions.safetensors", lambda: region_features(teacher, processor, splits[split]))
+        regions = cached(
+            folder / f"{split}_regions.safetensors",
+            lambda split=split: region_features(teacher, processor, splits[split]),
+        )
         scores[split] = evaluate_teacher(teacher, processor, splits[split], regions)
     return scores
 
@@ -69,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         if not record.is_file():
             start = time.perf_counter()
             scores = train(args.run, folder, overrides or {}, splits)
-            result = {"stage": args.stage, "variant": name, "overrides": overrides, "seconds": round(time.perf_counter() - start),
-                      **{split: {key: metrics[key] for key in REPORTED} for split, metrics in scores.items()}}  # fmt: skip
+            result = {
+                "stage": args.stage,
+                "variant": name,
+                "overrides": overrides,
+                "seconds": round(time.perf_counter() - start),
+                **{split: {key: metrics[key] for key in REPORTED} for split, metrics in scores.items()},
+            }
             record.write_text(json.dumps(result))
         print(record.read_text(), flush=True)
     return 0

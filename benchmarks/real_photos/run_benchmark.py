@@ -115,7 +115,10 @@ def evaluate_seed(run_dir: Path, cifar, log) -> dict[str, Any]:
         metrics = evaluate_model(model, processor, cifar, tasks=("zeroshot",), templates="cifar10")
         return {"cifar10_top1": metrics["zeroshot_top1"], "cifar10_top5": metrics["zeroshot_top5"]}
 
-    cifar10 = {"base": timed("cifar10_base", lambda: zeroshot(base)), "student": timed("cifar10_student", lambda: zeroshot(student))}
+    cifar10 = {
+        "base": timed("cifar10_base", lambda: zeroshot(base)),
+        "student": timed("cifar10_student", lambda: zeroshot(student)),
+    }
     wise = {}
     for alpha in WISE_ALPHAS:
 
@@ -148,7 +151,8 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
                 metrics.setdefault(key, []).append(value)
         models[role] = {key: mean_std(values) for key, values in metrics.items()}
     retention = [
-        per_seed[s]["cifar10"]["student"]["cifar10_top1"] / per_seed[s]["cifar10"]["base"]["cifar10_top1"] for s in seeds
+        per_seed[s]["cifar10"]["student"]["cifar10_top1"] / per_seed[s]["cifar10"]["base"]["cifar10_top1"]
+        for s in seeds
     ]
     wise = {}
     for alpha in WISE_ALPHAS:
@@ -188,7 +192,8 @@ def results_markdown(results: dict[str, Any], command: str) -> str:
     retention = results["zeroshot_retention"]
     lines += [
         "",
-        f"Zero-shot retention (student / base CIFAR-10 top-1): {100 * retention['mean']:.1f}% ± {100 * retention['std']:.1f}",
+        "Zero-shot retention (student / base CIFAR-10 top-1): "
+        f"{100 * retention['mean']:.1f}% ± {100 * retention['std']:.1f}",
         "",
         "WiSE-FT (student weights interpolated with the base's, alpha = weight of the student):",
         "",
@@ -196,8 +201,10 @@ def results_markdown(results: dict[str, Any], command: str) -> str:
         "|---|---|---|---|---|",
     ]
     for alpha, row in results["wise_ft"].items():
-        cells = [f"{100 * row[k]['mean']:.1f} ± {100 * row[k]['std']:.1f}" for k in
-                 ("text_to_image_R@1", "image_to_text_R@1", "cifar10_top1", "zeroshot_retention")]  # fmt: skip
+        cells = [
+            f"{100 * row[k]['mean']:.1f} ± {100 * row[k]['std']:.1f}"
+            for k in ("text_to_image_R@1", "image_to_text_R@1", "cifar10_top1", "zeroshot_retention")
+        ]
         lines.append(f"| {alpha} | " + " | ".join(cells) + " |")
     lines += ["", f"Wall time: {results['wall_time_s'] / 60:.1f} min.", ""]
     return "\n".join(lines)
@@ -246,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         preset = load_preset("default", args.config, **overrides)
         print(f"[real photos] seed {seed}: pipeline into {run_dir}", flush=True)
         results = run_pipeline(run_dir, preset, overwrite=args.overwrite)
-        per_seed[seed] = {"test": results["models"], "timings_s": results["timings_s"],
-                          **evaluate_seed(run_dir, cifar, lambda line: print(line, flush=True))}  # fmt: skip
+        per_seed[seed] = {
+            "test": results["models"],
+            "timings_s": results["timings_s"],
+            **evaluate_seed(run_dir, cifar, lambda line: print(line, flush=True)),
+        }
     results = aggregate(per_seed)
     results.update(
         {

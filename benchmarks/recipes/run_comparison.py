@@ -26,7 +26,6 @@ alike); the table gives each model's median images/s and texts/s over the rounds
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -57,12 +56,15 @@ SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"distill": {"learning_rate": 1e-4}},
     # Meant for a shared 2-core CPU; its wall time has not been measured yet.
     "small": {
-        "pretrain_images": 160, "train_images": 160, "val_images": 32, "test_images": 64,
+        "pretrain_images": 160,
+        "train_images": 160,
+        "val_images": 32,
+        "test_images": 64,
         "align": {"num_epochs": 10, "batch_size": 32},
         "teacher": {"num_epochs": 5, "batch_size": 32},
         "distill": {"num_epochs": 3, "batch_size": 32, "learning_rate": 1e-4, "warmup_steps": 2},
     },
-}  # fmt: skip
+}
 """Overrides of the pipeline's `tiny` preset."""
 
 BUDGET_FIELDS = ("num_epochs", "batch_size", "learning_rate", "warmup_steps")
@@ -83,7 +85,10 @@ def train_recipes(run: Path, preset, splits) -> dict[str, Path]:
     use_boxes = preset.use_dataset_boxes and "boxes" in splits["train"].column_names
     jobs = {
         "ConaCLIP": ("conaclip", {"base_model": base, "teacher_model": base}),
-        "DCLIP+ConaCLIP": ("dclip_conaclip", {"base_model": base, "teacher_model": teacher, "use_dataset_boxes": use_boxes}),
+        "DCLIP+ConaCLIP": (
+            "dclip_conaclip",
+            {"base_model": base, "teacher_model": teacher, "use_dataset_boxes": use_boxes},
+        ),
         "Knowledge-CLIP": ("knowledge_clip", {"base_model": base}),
         "compression stage 1": ("compression_stage1", {"base_model": base, "teacher_model": base}),
         "two-stage compressed": ("compression_stage2", {"base_model": str(run / "recipes" / "compression_stage1")}),
@@ -93,9 +98,10 @@ def train_recipes(run: Path, preset, splits) -> dict[str, Path]:
         out = run / "recipes" / config_name
         if not is_complete(out):
             config = load_stage_config(
-                DistillConfig, CONFIGS / f"{config_name}.yaml",
+                DistillConfig,
+                CONFIGS / f"{config_name}.yaml",
                 **{**common, **paths, "output_dir": str(out), "work_dir": str(run / "work" / config_name)},
-            )  # fmt: skip
+            )
             start = time.perf_counter()
             distill_student(config, splits["train"], splits["val"] if "val" in splits else None)
             print(f"[recipes] {run.name} {name}: trained in {time.perf_counter() - start:.1f} s", flush=True)
@@ -104,7 +110,9 @@ def train_recipes(run: Path, preset, splits) -> dict[str, Path]:
     return folders
 
 
-def encode_speeds(folders: dict[str, Path], test: datasets.Dataset, rounds: int = SPEED_ROUNDS) -> dict[str, dict[str, float]]:
+def encode_speeds(
+    folders: dict[str, Path], test: datasets.Dataset, rounds: int = SPEED_ROUNDS
+) -> dict[str, dict[str, float]]:
     """Median images/s and texts/s of every model, side by side: one batch of test images and one of test captions
     is prepared once per model, then the models encode them in turn, round after round (round 0 warms up)."""
     rows = test.select(range(min(SPEED_BATCH, len(test))))
@@ -131,10 +139,12 @@ def encode_speeds(folders: dict[str, Path], test: datasets.Dataset, rounds: int 
                     seconds[name]["images"].append(middle - start)
                     seconds[name]["texts"].append(end - middle)
     return {
-        name: {"images_per_s": len(images) / statistics.median(times["images"]),
-               "texts_per_s": len(captions) / statistics.median(times["texts"])}
+        name: {
+            "images_per_s": len(images) / statistics.median(times["images"]),
+            "texts_per_s": len(captions) / statistics.median(times["texts"]),
+        }
         for name, times in seconds.items()
-    }  # fmt: skip
+    }
 
 
 def measure(folder: Path, test: datasets.Dataset, cifar10: datasets.Dataset | None) -> dict[str, float]:
@@ -142,11 +152,15 @@ def measure(folder: Path, test: datasets.Dataset, cifar10: datasets.Dataset | No
     model, processor = DCLIPModel.from_pretrained(folder).eval(), DCLIPProcessor.from_pretrained(folder)
     result = {name: value for name, value in evaluate_dual_encoder(model, processor, test).items() if name in METRICS}
     if cifar10 is not None:
-        result["cifar10_top1"] = evaluate_model(model, processor, cifar10, ["zeroshot"], templates="cifar10")["zeroshot_top1"]
+        result["cifar10_top1"] = evaluate_model(model, processor, cifar10, ["zeroshot"], templates="cifar10")[
+            "zeroshot_top1"
+        ]
     return {**result, "parameters_M": parameter_counts(model)["total"] / 1e6}
 
 
-def measure_seed(folders: dict[str, Path], test: datasets.Dataset, cifar10: datasets.Dataset | None) -> dict[str, dict[str, float]]:
+def measure_seed(
+    folders: dict[str, Path], test: datasets.Dataset, cifar10: datasets.Dataset | None
+) -> dict[str, dict[str, float]]:
     """Every model's measures on one seed, with its zero-shot retention (top-1 / the base's) and its encoding speed
     relative to the DCLIP student's, both taken within the seed."""
     measured = {model: measure(folders[model], test, cifar10) for model in MODELS}
@@ -167,10 +181,12 @@ def summarise(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, dic
     for model in MODELS:
         runs = [per_seed[seed][model] for seed in per_seed]
         summary[model] = {
-            key: {"mean": statistics.fmean(run[key] for run in runs),
-                  "std": statistics.stdev(run[key] for run in runs) if len(runs) > 1 else 0.0}
+            key: {
+                "mean": statistics.fmean(run[key] for run in runs),
+                "std": statistics.stdev(run[key] for run in runs) if len(runs) > 1 else 0.0,
+            }
             for key in runs[0]
-        }  # fmt: skip
+        }
     return summary
 
 
@@ -178,20 +194,38 @@ PERCENT_KEYS = (*METRICS, "cifar10_top1", "cifar10_retention")
 
 
 def markdown(results: dict[str, Any]) -> str:
-    columns = [*PERCENT_KEYS, "parameters_M", "images_per_s", "texts_per_s", "images_per_s_vs_DCLIP", "texts_per_s_vs_DCLIP"]
+    columns = [
+        *PERCENT_KEYS,
+        "parameters_M",
+        "images_per_s",
+        "texts_per_s",
+        "images_per_s_vs_DCLIP",
+        "texts_per_s_vs_DCLIP",
+    ]
     lines = [
-        "# Training recipes compared", "", f"Command: `{results['command']}`", "",
+        "# Training recipes compared",
+        "",
+        f"Command: `{results['command']}`",
+        "",
         f"Seeds {results['seeds']}; wall time {results['wall_s'] / 60:.1f} min; load average before "
-        f"{results['load_before']}, after {results['load_after']}; torch threads {results['torch_threads']}.", "",
+        f"{results['load_before']}, after {results['load_after']}; torch threads {results['torch_threads']}.",
+        "",
         "Retrieval on each data set's `test` split, CIFAR-10 zero-shot top-1 and retention (top-1 / the base's, per "
         "seed) in %, mean ± std over seeds; parameters in millions; encoding speed measured side by side (median "
-        "over interleaved rounds, batch of 64) and its ratio to the DCLIP student's.", "",
-    ]  # fmt: skip
+        "over interleaved rounds, batch of 64) and its ratio to the DCLIP student's.",
+        "",
+    ]
     for name, section in results["datasets"].items():
         summary = section["summary"]
         keys = [key for key in columns if key in summary["base"]]
-        lines += [f"## {name}", "", f"Data: {section['data']}; seeds {section['seeds']}; wall time {section['wall_s'] / 60:.1f} min.", "",
-                  "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]  # fmt: skip
+        lines += [
+            f"## {name}",
+            "",
+            f"Data: {section['data']}; seeds {section['seeds']}; wall time {section['wall_s'] / 60:.1f} min.",
+            "",
+            "| model | " + " | ".join(keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
         for model, values in summary.items():
             cells = []
             for key in keys:
@@ -237,10 +271,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", required=True, type=Path)
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--datasets", nargs="+", default=["synthetic", "flickr8k-1k"],
-                        help="'synthetic', 'flickr8k-1k' (../shared/data) or dataset specs with train/test splits")  # fmt: skip
-    parser.add_argument("--cifar10", type=Path, default=SHARED_DATA / "cifar10-test",
-                        help="CIFAR-10 image folder for zero-shot retention; 'none' skips it")  # fmt: skip
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["synthetic", "flickr8k-1k"],
+        help="'synthetic', 'flickr8k-1k' (../shared/data) or dataset specs with train/test splits",
+    )
+    parser.add_argument(
+        "--cifar10",
+        type=Path,
+        default=SHARED_DATA / "cifar10-test",
+        help="CIFAR-10 image folder for zero-shot retention; 'none' skips it",
+    )
     parser.add_argument("--cifar10-images", type=int, default=1000, help="random CIFAR-10 test images evaluated")
     args = parser.parse_args(argv)
 
@@ -250,12 +292,18 @@ def main(argv: list[str] | None = None) -> int:
         cifar10 = cifar10.select(range(min(args.cifar10_images, len(cifar10))))
     load_before, start = os.getloadavg(), time.perf_counter()
     sections = {
-        name: compare_on(name, args.output_dir / (name if dataset_spec(name) != name else f"dataset_{index}"),
-                         args.size, args.seeds, cifar10)
+        name: compare_on(
+            name,
+            args.output_dir / (name if dataset_spec(name) != name else f"dataset_{index}"),
+            args.size,
+            args.seeds,
+            cifar10,
+        )
         for index, name in enumerate(args.datasets)
-    }  # fmt: skip
+    }
     results = {
-        "command": "PYTHONPATH=. python benchmarks/recipes/run_comparison.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "PYTHONPATH=. python benchmarks/recipes/run_comparison.py "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
         "seeds": args.seeds,
         "cifar10": {"path": str(args.cifar10), "images": len(cifar10)} if cifar10 is not None else None,
         "load_before": [round(value, 2) for value in load_before],

@@ -6,7 +6,6 @@ import torch
 
 from modeling_dclip.evaluation.retrieval import DEFAULT_CHUNK_SIZE, retrieval_metrics
 
-
 _DESCRIPTION = """
 Image-text retrieval metrics of a caption-by-image similarity matrix, both directions: Recall@1/5/10, true mean
 average precision (mAP, over all relevant items; not mean reciprocal rank) and mean reciprocal rank (MRR).

@@ -10,9 +10,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "card",
         help="Write README.md model cards into the model folders of a `dclip run` output, from its results.json.",
     )
-    parser.add_argument(
-        "--run", required=True, metavar="DIR", help="output folder of `dclip run` (holds results.json)"
-    )
+    parser.add_argument("--run", required=True, metavar="DIR", help="output folder of `dclip run` (holds results.json)")
     parser.add_argument(
         "--repo-id",
         action="append",

@@ -18,8 +18,10 @@ from typing import Any
 
 TASK_NAMES = ("retrieval", "compositional", "zeroshot")
 _DISTRIBUTIONS = ("dclip", "torch", "transformers", "datasets", "timm", "ultralytics")
-_REGION_CHOICES = "processor (the extractor saved with the processor), dataset (the dataset's own boxes), grid, " \
-                  "or a JSON object of extractor settings such as '{\"type\": \"yolo\", \"weights\": \"detector.pt\"}'"  # fmt: skip
+_REGION_CHOICES = (
+    "processor (the extractor saved with the processor), dataset (the dataset's own boxes), grid, "
+    'or a JSON object of extractor settings such as \'{"type": "yolo", "weights": "detector.pt"}\''
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,22 +32,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "modeling_dclip.data.spec); print the metrics and write them to results.json.",
     )
     parser.add_argument("--model", required=True, help="saved model folder or Hub id (student, teacher or CLIP)")
-    parser.add_argument("--dataset", required=True, help="dataset spec, e.g. karpathy:DIR?split=test or imagefolder:DIR")
-    parser.add_argument("--task", nargs="+", choices=TASK_NAMES, default=["retrieval"],
-                        help="one or more tasks (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--split", default="test",
-                        help="rows of this split are evaluated; 'all' takes every row (default: %(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--dataset", required=True, help="dataset spec, e.g. karpathy:DIR?split=test or imagefolder:DIR"
+    )
+    parser.add_argument(
+        "--task", nargs="+", choices=TASK_NAMES, default=["retrieval"], help="one or more tasks (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--split", default="test", help="rows of this split are evaluated; 'all' takes every row (default: %(default)s)"
+    )
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--output-dir", help="write OUTPUT_DIR/results.json")
     output.add_argument("--output", help="write the results to this file (default: ./results.json)")
     parser.add_argument("--batch-size", type=int, default=64, help="images encoded at once (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of python, numpy and torch (default: %(default)s)")
-    parser.add_argument("--templates", default="simple",
-                        help="zero-shot prompt templates: simple, cifar10, cifar100, imagenet, or one template "
-                             "with {} for the class name (default: %(default)s)")  # fmt: skip
-    parser.add_argument("--classnames", help="zero-shot class names by label from a named set (cifar10, cifar100, "
-                                             "imagenet) instead of the dataset's own")  # fmt: skip
-    parser.add_argument("--regions", default="processor", help=f"teacher only, where regions come from: {_REGION_CHOICES}")
+    parser.add_argument(
+        "--templates",
+        default="simple",
+        help="zero-shot prompt templates: simple, cifar10, cifar100, imagenet, or one template "
+        "with {} for the class name (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--classnames",
+        help="zero-shot class names by label from a named set (cifar10, cifar100, "
+        "imagenet) instead of the dataset's own",
+    )
+    parser.add_argument(
+        "--regions", default="processor", help=f"teacher only, where regions come from: {_REGION_CHOICES}"
+    )
     parser.add_argument("--region-cache", help="teacher only, folder of the region caches (default: datasets' cache)")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.set_defaults(func=run)
@@ -91,30 +105,48 @@ def _evaluate(args: argparse.Namespace) -> int:
     loaded_data = time.perf_counter()
 
     metrics = evaluate_model(
-        model, processor, dataset, args.task,
-        classnames=classnames, templates=templates, batch_size=args.batch_size,
-        region_source=region_source, cache_dir=args.region_cache,
-    )  # fmt: skip
+        model,
+        processor,
+        dataset,
+        args.task,
+        classnames=classnames,
+        templates=templates,
+        batch_size=args.batch_size,
+        region_source=region_source,
+        cache_dir=args.region_cache,
+    )
     evaluated = time.perf_counter()
 
     kind = "teacher" if is_teacher(model) else "student" if isinstance(model, DCLIPModel) else "dual encoder"
     results = {
         "task": list(args.task),
         "metrics": metrics,
-        "model": {"name_or_path": args.model, "kind": kind, "class": type(model).__name__,
-                  "parameters": sum(p.numel() for p in model.parameters())},
+        "model": {
+            "name_or_path": args.model,
+            "kind": kind,
+            "class": type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
         "dataset": {"spec": str(spec), "split": args.split, **inputs.sizes()},
         "seed": args.seed,
         "batch_size": args.batch_size,
         "device": str(next(model.parameters()).device),
         "versions": _versions(),
-        "wall_time_s": {"load_model": round(loaded_model - started, 3), "load_dataset": round(loaded_data - loaded_model, 3),
-                        "evaluate": round(evaluated - loaded_data, 3), "total": round(time.perf_counter() - started, 3)},
+        "wall_time_s": {
+            "load_model": round(loaded_model - started, 3),
+            "load_dataset": round(loaded_data - loaded_model, 3),
+            "evaluate": round(evaluated - loaded_data, 3),
+            "total": round(time.perf_counter() - started, 3),
+        },
         "command": _equivalent_command(args),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    }
     if inputs.classnames is not None:
-        results["zeroshot"] = {"classnames": inputs.classnames, "templates": args.templates, "num_templates": len(templates)}
+        results["zeroshot"] = {
+            "classnames": inputs.classnames,
+            "templates": args.templates,
+            "num_templates": len(templates),
+        }
     if kind == "teacher":
         results["regions"] = (region_source or processor.region_extractor).to_dict()
     _write_json_atomically(output, results)
@@ -161,11 +193,31 @@ def _select_split(dataset, split: str, spec) -> Any:
 
 def _equivalent_command(args: argparse.Namespace) -> str:
     """The `dclip eval` command line that reproduces this run, every option spelled out."""
-    words = ["dclip", "eval", "--model", args.model, "--dataset", args.dataset, "--task", *args.task,
-             "--split", args.split, "--batch-size", str(args.batch_size), "--seed", str(args.seed)]  # fmt: skip
-    optional = {"--templates": args.templates if "zeroshot" in args.task else None, "--classnames": args.classnames,
-                "--regions": args.regions if args.regions != "processor" else None, "--region-cache": args.region_cache,
-                "--device": args.device, "--output-dir": args.output_dir, "--output": args.output}  # fmt: skip
+    words = [
+        "dclip",
+        "eval",
+        "--model",
+        args.model,
+        "--dataset",
+        args.dataset,
+        "--task",
+        *args.task,
+        "--split",
+        args.split,
+        "--batch-size",
+        str(args.batch_size),
+        "--seed",
+        str(args.seed),
+    ]
+    optional = {
+        "--templates": args.templates if "zeroshot" in args.task else None,
+        "--classnames": args.classnames,
+        "--regions": args.regions if args.regions != "processor" else None,
+        "--region-cache": args.region_cache,
+        "--device": args.device,
+        "--output-dir": args.output_dir,
+        "--output": args.output,
+    }
     for option, value in optional.items():
         if value is not None:
             words += [option, value]

@@ -7,8 +7,18 @@ import importlib
 import importlib.metadata
 import platform
 
-_DISTRIBUTIONS = ("dclip", "torch", "torchvision", "transformers", "timm", "accelerate", "datasets",
-                  "huggingface_hub", "peft", "evaluate")  # fmt: skip
+_DISTRIBUTIONS = (
+    "dclip",
+    "torch",
+    "torchvision",
+    "transformers",
+    "timm",
+    "accelerate",
+    "datasets",
+    "huggingface_hub",
+    "peft",
+    "evaluate",
+)
 # (distribution, import name, what it enables)
 _OPTIONAL_BACKENDS = (
     ("ultralytics", "ultralytics", "YOLO regions, `dclip train-detector` (extra: yolo, AGPL-3.0)"),
@@ -51,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
     for distribution, module, purpose in _OPTIONAL_BACKENDS:
         print(f"  {distribution} ({_version(distribution)}): {_importable(module)} - {purpose}")
     print("embedded towers:")
-    for label, locate in (("vision EfficientNet-Lite0", embedded_vision_weights_path), ("text all-MiniLM-L6-v2", embedded_text_path)):
+    for label, locate in (
+        ("vision EfficientNet-Lite0", embedded_vision_weights_path),
+        ("text all-MiniLM-L6-v2", embedded_text_path),
+    ):
         try:
             print(f"  {label}: {locate()}")
         except (ImportError, FileNotFoundError) as error:

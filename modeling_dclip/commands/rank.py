@@ -22,9 +22,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Rank captions for images with a DCLIP student.",
         description="Print, for each image, the captions ranked by the student's similarity.",
     )
-    parser.add_argument("--model", default=None, help="Student folder or Hub id (default: the embedded offline student).")
-    parser.add_argument("--images", nargs="*", default=None,
-                        help="Image files (default: the sample photos that scikit-image and ultralytics ship).")  # fmt: skip
+    parser.add_argument(
+        "--model", default=None, help="Student folder or Hub id (default: the embedded offline student)."
+    )
+    parser.add_argument(
+        "--images",
+        nargs="*",
+        default=None,
+        help="Image files (default: the sample photos that scikit-image and ultralytics ship).",
+    )
     parser.add_argument("--captions", nargs="*", default=list(DEFAULT_CAPTIONS), help="Captions to rank.")
     parser.add_argument("--top", type=int, default=3, help="How many captions to print per image.")
     parser.set_defaults(func=run)

@@ -36,10 +36,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"dclip run: {error}. Finished stages are kept in {args.output_dir}; rerun to resume.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"dclip run: interrupted; finished stages are kept in {args.output_dir}; rerun to resume.", file=sys.stderr)
+        print(
+            f"dclip run: interrupted; finished stages are kept in {args.output_dir}; rerun to resume.", file=sys.stderr
+        )
         return 130
     for name, metrics in results["models"].items():
-        summary = ", ".join(f"{k} {100 * metrics[k]:.1f}" for k in ("text_to_image_R@1", "compositional_accuracy") if k in metrics)
+        summary = ", ".join(
+            f"{k} {100 * metrics[k]:.1f}" for k in ("text_to_image_R@1", "compositional_accuracy") if k in metrics
+        )
         print(f"{name}: {summary}")
     print(f"results: {args.output_dir}/results.json")
     return 0

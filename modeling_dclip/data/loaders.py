@@ -42,7 +42,6 @@ from typing import Any
 import datasets
 import pyarrow.compute as pc
 
-
 logger = logging.getLogger(__name__)
 
 DEFAULT_SPLIT = "train"
@@ -167,8 +166,10 @@ def load_karpathy(
             image=str(image_root / relative),
             image_id=str(coco_id) if coco_id is not None else relative.with_suffix("").as_posix(),
             split=entry_split,
-            captions=[_karpathy_sentence(sentence, f"{where}.sentences[{i}]")
-                      for i, sentence in enumerate(_require_list(entry, "sentences", where))],
+            captions=[
+                _karpathy_sentence(sentence, f"{where}.sentences[{i}]")
+                for i, sentence in enumerate(_require_list(entry, "sentences", where))
+            ],
         )
         if box_label_names is not None:
             if coco_id is None:
@@ -176,8 +177,10 @@ def load_karpathy(
             record.boxes, record.labels = boxes_by_coco_id.get(int(coco_id), ([], []))
         records.append(record)
     if wanted is not None and not records:
-        raise ValueError(f"{path}: no image has split {sorted(wanted)}; splits present: "
-                         f"{sorted({str(e.get('split')) for e in entries})}")
+        raise ValueError(
+            f"{path}: no image has split {sorted(wanted)}; splits present: "
+            f"{sorted({str(e.get('split')) for e in entries})}"
+        )
     return _records_to_dataset(records, str(path), skip_missing, limit, box_label_names)
 
 
@@ -283,8 +286,10 @@ def _read_coco_instances(
     sizes = {}
     for index, entry in enumerate(_require_list(document, "images", str(path))):
         where = f"{path}: images[{index}]"
-        sizes[int(_require(entry, "id", where))] = (float(_require(entry, "width", where)),
-                                                    float(_require(entry, "height", where)))
+        sizes[int(_require(entry, "id", where))] = (
+            float(_require(entry, "width", where)),
+            float(_require(entry, "height", where)),
+        )
     boxes_by_image: dict[int, tuple[list[list[float]], list[int]]] = {}
     for index, annotation in enumerate(_require_list(document, "annotations", str(path))):
         where = f"{path}: annotations[{index}]"
@@ -502,8 +507,9 @@ def load_caption_table(
                 captions=[],
             )
         elif record.split != row_split:
-            raise ValueError(f"{where}: image {image_value!r} is in split {row_split!r} here "
-                             f"and {record.split!r} on an earlier row")
+            raise ValueError(
+                f"{where}: image {image_value!r} is in split {row_split!r} here and {record.split!r} on an earlier row"
+            )
         record.captions.extend(_caption_values(_require(row, caption_column, where), where))
     if wanted is not None and not records_by_image:
         raise ValueError(f"{path}: no row has {split_column} in {sorted(wanted)}")
@@ -544,8 +550,10 @@ def _caption_values(value: Any, where: str) -> list[str]:
     if value is None or isinstance(value, str):
         return [value or ""]
     if isinstance(value, list):
-        return [_karpathy_sentence(item, where) if isinstance(item, dict) else _caption_string(item, where)
-                for item in value]
+        return [
+            _karpathy_sentence(item, where) if isinstance(item, dict) else _caption_string(item, where)
+            for item in value
+        ]
     raise ValueError(f"{where}: a caption must be a string or a list of strings, got {type(value).__name__}")
 
 
@@ -621,7 +629,8 @@ def load_image_folder(
         "captions", [[class_names[label]] for label in labels], feature=datasets.List(datasets.Value("string"))
     )
     dataset = dataset.add_column(
-        "image_id", [_path_id(os.path.relpath(image_path, root)) for image_path in image_paths],
+        "image_id",
+        [_path_id(os.path.relpath(image_path, root)) for image_path in image_paths],
         feature=datasets.Value("string"),
     )
     dataset = dataset.select_columns(["image", "captions", "image_id", "split", "label"])
@@ -693,8 +702,10 @@ def load_hub_dataset(
         captions = [[class_names[label]] for label in _arrow_column(dataset, label_column).to_pylist()]
     else:
         caption_column = _pick_column(caption_column, (), columns, "caption_column", source)
-        captions = [_caption_values(value, f"{source}: row {index}, column {caption_column!r}")
-                    for index, value in enumerate(_arrow_column(dataset, caption_column).to_pylist())]
+        captions = [
+            _caption_values(value, f"{source}: row {index}, column {caption_column!r}")
+            for index, value in enumerate(_arrow_column(dataset, caption_column).to_pylist())
+        ]
     if split_column is not None:
         split_column = _pick_column(split_column, (), columns, "split_column", source)
         split_labels = [str(value) for value in _arrow_column(dataset, split_column).to_pylist()]
@@ -722,19 +733,21 @@ def load_hub_dataset(
         resolved_paths = [_resolve_image(str(value), image_root) for value in image_column_data.to_pylist()]
         files_to_check = resolved_paths
     else:
-        raise ValueError(
-            f"{source}: column {image_column!r} holds {image_feature}; expected an Image or a path string"
-        )
+        raise ValueError(f"{source}: column {image_column!r} holds {image_feature}; expected an Image or a path string")
 
     wanted = _split_set(split) if split_column is not None else None
-    candidate_rows = range(len(dataset)) if wanted is None else [
-        index for index, label in enumerate(split_labels) if label in wanted
-    ]
+    candidate_rows = (
+        range(len(dataset))
+        if wanted is None
+        else [index for index, label in enumerate(split_labels) if label in wanted]
+    )
     if not candidate_rows:
         raise ValueError(f"{source}: no row has {split_column} in {sorted(wanted)}")
     report, kept_rows, kept_captions = _screen(
         ((index, files_to_check[index], image_ids[index], captions[index]) for index in candidate_rows),
-        source, skip_missing, limit,
+        source,
+        skip_missing,
+        limit,
     )
     class_names = dataset.features[label_column].names if label_column is not None else None
     features = canonical_features(class_names=class_names)
@@ -798,8 +811,9 @@ def load_synthetic(num_images: int, *, seed: int = 0, split: str = "test") -> tu
 
     dataset = make_synthetic_dataset(num_images, seed=seed, split=split)
     num_captions = sum(len(captions) for captions in _arrow_column(dataset, "captions").to_pylist())
-    return dataset, LoadReport(source=f"synthetic(n={num_images}, seed={seed})", num_images=len(dataset),
-                               num_captions=num_captions)
+    return dataset, LoadReport(
+        source=f"synthetic(n={num_images}, seed={seed})", num_images=len(dataset), num_captions=num_captions
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -826,7 +840,9 @@ def _records_to_dataset(
 ) -> tuple[datasets.Dataset, LoadReport]:
     report, kept_rows, kept_captions = _screen(
         ((index, record.image, record.image_id, record.captions) for index, record in enumerate(records)),
-        source, skip_missing, limit,
+        source,
+        skip_missing,
+        limit,
     )
     kept = [records[index] for index in kept_rows]
     columns: dict[str, list] = {

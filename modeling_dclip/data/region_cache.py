@@ -136,9 +136,15 @@ def add_region_boxes(
             raise ValueError(f"dataset has no column {column!r} for {source!r}; its columns are {dataset.column_names}")
 
     key = Hasher.hash(
-        [CACHE_FORMAT_VERSION, "region_boxes", dataset._fingerprint, region_source_settings(source), batch_size,
-         input_columns]
-    )  # fmt: skip
+        [
+            CACHE_FORMAT_VERSION,
+            "region_boxes",
+            dataset._fingerprint,
+            region_source_settings(source),
+            batch_size,
+            input_columns,
+        ]
+    )
     cache_file = Path(cache_dir) if cache_dir is not None else default_cache_dir(dataset)
     cache_file.mkdir(parents=True, exist_ok=True)
     cache_file = cache_file / f"region-boxes-{key}.arrow"
@@ -251,9 +257,15 @@ def region_embeddings(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     key = Hasher.hash(
-        [CACHE_FORMAT_VERSION, "region_embeddings", dataset._fingerprint, model_weights_digest(teacher.base),
-         processor.image_processor.to_dict(), image_column]
-    )  # fmt: skip
+        [
+            CACHE_FORMAT_VERSION,
+            "region_embeddings",
+            dataset._fingerprint,
+            model_weights_digest(teacher.base),
+            processor.image_processor.to_dict(),
+            image_column,
+        ]
+    )
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(dataset)
     cache_file = folder / f"region-embeddings-{key}.safetensors"
     if cache_file.is_file():

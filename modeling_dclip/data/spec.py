@@ -70,7 +70,6 @@ from .loaders import (
     load_synthetic,
 )
 
-
 _PATH_OPTION = "path"
 _CAPTION_OPTIONS = {"images": _PATH_OPTION, "split": str, "skip_missing": bool, "limit": int}
 _TABLE_OPTIONS = {
@@ -186,16 +185,19 @@ class DatasetSpec:
                 return cls(kind="karpathy", location=str(path))
             if any(child.is_dir() for child in path.iterdir()):
                 return cls(kind="imagefolder", location=str(path))
-            raise ValueError(f"{path}: folder has no dataset_*.json and no class subfolders; "
-                             f"write KIND:{path} with KIND one of {sorted(KIND_OPTIONS)}")
+            raise ValueError(
+                f"{path}: folder has no dataset_*.json and no class subfolders; "
+                f"write KIND:{path} with KIND one of {sorted(KIND_OPTIONS)}"
+            )
         if not path.is_file():
             raise FileNotFoundError(
                 f"dataset spec {str(path)!r}: no such file or folder, and it does not start with a kind "
                 f"({', '.join(f'{kind}:' for kind in sorted(KIND_OPTIONS))})"
             )
         if path.suffix.lower() not in _SPEC_FILE_SUFFIXES:
-            raise ValueError(f"{path}: cannot tell the dataset format; write KIND:{path} with KIND one of "
-                             f"{sorted(KIND_OPTIONS)}")
+            raise ValueError(
+                f"{path}: cannot tell the dataset format; write KIND:{path} with KIND one of {sorted(KIND_OPTIONS)}"
+            )
         with path.open(encoding="utf-8") as file:
             # Peek rather than parse: a Karpathy file may be hundreds of MB and is parsed by its reader.
             if path.suffix.lower() == ".json" and _KARPATHY_SIGNATURE.search(file.read(1 << 16)):

@@ -755,4 +755,3 @@ def export_yolo(
     temporary.write_text(yaml.safe_dump(spec, sort_keys=False))
     temporary.replace(data_yaml)
     return data_yaml
-

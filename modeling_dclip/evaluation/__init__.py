@@ -18,7 +18,6 @@ from .retrieval import RECALL_AT_K, retrieval_metrics, retrieval_metrics_from_em
 from .templates import get_classnames, get_templates
 from .zeroshot import build_zeroshot_classifier, zeroshot_classification
 
-
 __all__ = [
     "RECALL_AT_K",
     "TASKS",

@@ -358,9 +358,19 @@ def evaluate_model(
     if is_teacher(model):
         with _in_eval_mode(model):
             return _evaluate_teacher(
-                model, processor, dataset, tasks, pairs, classnames, prompts, labels,
-                region_features, region_source, cache_dir, max_pairs_per_step,
-            )  # fmt: skip
+                model,
+                processor,
+                dataset,
+                tasks,
+                pairs,
+                classnames,
+                prompts,
+                labels,
+                region_features,
+                region_source,
+                cache_dir,
+                max_pairs_per_step,
+            )
     metrics: dict[str, float] = {}
     image_embeds = encode_images(model, processor, dataset, batch_size)
     if pairs is not None:

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
 RECALL_AT_K = (1, 5, 10)
 # Peak working memory is about 40 bytes x DEFAULT_CHUNK_SIZE x max(n_captions, n_images): ~1 GB for 100k captions.
 DEFAULT_CHUNK_SIZE = 256

@@ -58,8 +58,16 @@ _METRIC_ORDER = tuple(
 ) + ("compositional_accuracy", "zeroshot_top1", "zeroshot_top5")
 _DISPLAY_DECIMALS = 4
 # Where a run kept its files says nothing about its recipe, and would publish local paths.
-_LOCAL_PATH_SETTINGS = ("output_dir", "work_dir", "logging_dir", "resume_from_checkpoint", "init_from", "base_model",
-                        "teacher_model", "data")  # fmt: skip
+_LOCAL_PATH_SETTINGS = (
+    "output_dir",
+    "work_dir",
+    "logging_dir",
+    "resume_from_checkpoint",
+    "init_from",
+    "base_model",
+    "teacher_model",
+    "data",
+)
 
 
 def _dataset_id(spec: str) -> str:

@@ -30,7 +30,7 @@ from ..modeling_dclip import DCLIPModel
 logger = logging.getLogger(__name__)
 
 COMPRESSION_STAGE1 = {"image_contrastive_distill": 1.0, "text_contrastive_distill": 1.0}
-"""Stage 1: intra-modal contrastive distillation of each tower from the big model (named recipe `"compression_stage1"`)."""
+"""Stage 1: intra-modal contrastive distillation of each tower from the big model (recipe `"compression_stage1"`)."""
 
 COMPRESSION_STAGE2 = {"contrastive": 1.0}
 """Stage 2: contrastive fine-tuning of the small dual encoder (named recipe `"compression_stage2"`); add distillation
@@ -72,7 +72,11 @@ def layer_list_name(tower: PreTrainedModel) -> str:
             f"{type(tower).__name__} has no `num_hidden_layers`, so its layers cannot be dropped; "
             "replace a timm vision tower with a smaller one through `vision_architecture` instead"
         )
-    names = [name for name, module in tower.named_modules() if isinstance(module, nn.ModuleList) and len(module) == num_layers]
+    names = [
+        name
+        for name, module in tower.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers
+    ]
     if len(names) != 1:
         raise ValueError(f"{type(tower).__name__}: expected one list of {num_layers} layers, found {names}")
     return names[0]
@@ -141,7 +145,9 @@ def compress_student(
         `save_pretrained` / `from_pretrained` like any student. Projections and temperature are copied.
     """
     if vision_layers is not None and vision_architecture is not None:
-        raise ValueError("give either vision_layers (transformer towers) or vision_architecture (timm towers), not both")
+        raise ValueError(
+            "give either vision_layers (transformer towers) or vision_architecture (timm towers), not both"
+        )
     state = student.state_dict()
     text_config, vision_config = _copy_config(student.config.text_config), _copy_config(student.config.vision_config)
     if text_layers is not None:
@@ -158,7 +164,9 @@ def compress_student(
         logger.info("compress_student: vision tower keeps layers %s", keep)
     if vision_architecture is not None:
         if vision_config.model_type != "timm_wrapper":
-            raise ValueError(f"vision_architecture replaces timm vision towers; this one is {vision_config.model_type!r}")
+            raise ValueError(
+                f"vision_architecture replaces timm vision towers; this one is {vision_config.model_type!r}"
+            )
         vision_config = TimmWrapperConfig(architecture=vision_architecture)
     config = DCLIPConfig(
         vision_config=vision_config.to_dict(),
@@ -182,16 +190,24 @@ def compress_student(
             {k[len(vision_prefix) :]: v for k, v in state.items() if k.startswith(vision_prefix)},
             {k[len(vision_prefix) :]: v for k, v in target.items() if k.startswith(vision_prefix)},
         )
-        others = {k: v for k, v in state.items() if not k.startswith(vision_prefix) and k in target and v.shape == target[k].shape}
+        others = {
+            k: v
+            for k, v in state.items()
+            if not k.startswith(vision_prefix) and k in target and v.shape == target[k].shape
+        }
         # `DCLIPModel(config)` initialises convolutions as transformers does (normal, std 0.02), under which the
         # activations of a deep CNN fade to zero block after block; the blocks not copied start from timm's own
         # initialisation instead.
-        small.vision_model.timm_model.load_state_dict(timm.create_model(vision_architecture, num_classes=0).state_dict())
+        small.vision_model.timm_model.load_state_dict(
+            timm.create_model(vision_architecture, num_classes=0).state_dict()
+        )
         small.load_state_dict({**others, **{vision_prefix + k: v for k, v in tower.items()}}, strict=False)
         logger.info(
             "compress_student: %s warm-started from %d of %d vision weights",
-            vision_architecture, len(tower), sum(k.startswith(vision_prefix) for k in target),
-        )  # fmt: skip
+            vision_architecture,
+            len(tower),
+            sum(k.startswith(vision_prefix) for k in target),
+        )
     return small.to(student.dtype).eval()
 
 
@@ -216,7 +232,9 @@ def big_model_targets(
     if pixel_values is not None:
         targets["teacher_image_embeds"] = big_model.get_image_features(pixel_values=pixel_values).pooler_output
     if input_ids is not None:
-        targets["teacher_text_embeds"] = big_model.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+        targets["teacher_text_embeds"] = big_model.get_text_features(
+            input_ids=input_ids, attention_mask=attention_mask
+        ).pooler_output
     if not targets:
         raise ValueError("big_model_targets: give pixel_values, input_ids, or both")
     return targets

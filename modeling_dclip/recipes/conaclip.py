@@ -111,7 +111,9 @@ def edge_loss(edge: str, kind: str, temperature: float | None = None, gather: bo
         gather: compute over the global batch when training on several processes.
     """
     if not supports(edge, kind):
-        raise ValueError(f"ConaCLIP has no {kind!r} loss on edge {edge!r} (edges: {sorted(EDGES)}, losses: {LOSS_KINDS})")
+        raise ValueError(
+            f"ConaCLIP has no {kind!r} loss on edge {edge!r} (edges: {sorted(EDGES)}, losses: {LOSS_KINDS})"
+        )
     name, arrows = term_name(edge, kind), EDGES[edge]
     if kind == "infonce":
         return PairInfoNCELoss(name, _distinct_pairs(arrows), temperature=temperature, gather=gather)
@@ -140,7 +142,9 @@ def conaclip_weights(edges: Mapping[str, Mapping[str, float]]) -> dict[str, floa
     for edge, kinds in edges.items():
         for kind, weight in kinds.items():
             if not supports(edge, kind):
-                raise ValueError(f"ConaCLIP edge {edge!r} has no {kind!r} loss (edges: {sorted(EDGES)}, losses: {LOSS_KINDS})")
+                raise ValueError(
+                    f"ConaCLIP edge {edge!r} has no {kind!r} loss (edges: {sorted(EDGES)}, losses: {LOSS_KINDS})"
+                )
             weights[term_name(edge, kind)] = float(weight)
     return weights
 
@@ -149,7 +153,9 @@ def _register() -> None:
     for edge in EDGES:
         for kind in LOSS_KINDS:
             if supports(edge, kind):
-                register_loss_term(term_name(edge, kind), lambda edge=edge, kind=kind, **options: edge_loss(edge, kind, **options))
+                register_loss_term(
+                    term_name(edge, kind), lambda edge=edge, kind=kind, **options: edge_loss(edge, kind, **options)
+                )
     register_recipe("conaclip", CONACLIP)
 
 

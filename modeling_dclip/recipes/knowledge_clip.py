@@ -1,4 +1,5 @@
-r"""Knowledge-CLIP (Kao, arXiv 2412.03513): a language model as text teacher of a dual encoder, through three objectives:
+r"""Knowledge-CLIP (Kao, arXiv 2412.03513): a language model as text teacher of a dual encoder, through three
+objectives:
 
 1. text-embedding distillation: the student's text embedding, through a learned linear map $W_e$, mimics the
    language model's sentence embedding, $\mathcal{L}_{emb} = \sum_i \lVert E_T(x_i) W_e - L(x_i)\rVert_2^2$
@@ -63,12 +64,16 @@ class TextTeacher(nn.Module):
         self.max_length = max_length
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, max_length: int = 77, **kwargs) -> "TextTeacher":
+    def from_pretrained(cls, name_or_path: str, max_length: int = 77, **kwargs) -> TextTeacher:
         """Load a teacher: a Hub id or folder (`AutoModel`, so a causal LM loads without its LM head), or
         `modeling_dclip.EMBEDDED_TEXT` for the packaged all-MiniLM-L6-v2."""
         if name_or_path == EMBEDDED_TEXT:
             return cls(load_text_tower(name_or_path), load_tokenizer(name_or_path), max_length)
-        return cls(AutoModel.from_pretrained(name_or_path, **kwargs), AutoTokenizer.from_pretrained(name_or_path, **kwargs), max_length)
+        return cls(
+            AutoModel.from_pretrained(name_or_path, **kwargs),
+            AutoTokenizer.from_pretrained(name_or_path, **kwargs),
+            max_length,
+        )
 
     @property
     def hidden_size(self) -> int:
@@ -79,7 +84,9 @@ class TextTeacher(nn.Module):
         """Sentence embeddings `[B, H]` of token ids `[B, T]` with their mask `[B, T]`."""
         # `base_model` skips a causal LM's head (a base model is its own `base_model`): its last hidden states are
         # what the head would read.
-        states = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        states = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, return_dict=True
+        ).last_hidden_state
         return mean_pool(states.float(), attention_mask)
 
     @torch.no_grad()
@@ -91,9 +98,12 @@ class TextTeacher(nn.Module):
         embeddings = []
         for start in range(0, len(texts), batch_size):
             batch = self.tokenizer(
-                list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=self.max_length,
+                list(texts[start : start + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
                 return_tensors="pt",
-            )  # fmt: skip
+            )
             embeddings.append(self(batch["input_ids"].to(device), batch["attention_mask"].to(device)).cpu())
         return torch.cat(embeddings)
 
@@ -112,9 +122,14 @@ def fit_concept_centroids(
         raise ValueError(f"num_concepts must be in [2, number of captions = {len(embeddings)}], got {num_concepts}")
     points = _prepared(embeddings, spherical).numpy()
     kmeans = faiss.Kmeans(
-        points.shape[1], num_concepts, niter=iterations, seed=seed, spherical=spherical, min_points_per_centroid=1,
+        points.shape[1],
+        num_concepts,
+        niter=iterations,
+        seed=seed,
+        spherical=spherical,
+        min_points_per_centroid=1,
         verbose=False,
-    )  # fmt: skip
+    )
     kmeans.train(np.ascontiguousarray(points))
     return torch.from_numpy(kmeans.centroids.copy())
 
@@ -151,12 +166,16 @@ class TextEmbeddingDistillationLoss(nn.Module):
     name = "text_embedding_distill"
     requires = ("text_embeds", LM_EMBEDS)
 
-    def __init__(self, student_dim: int, teacher_dim: int, learned_projection: bool | None = None, normalize: bool = False):
+    def __init__(
+        self, student_dim: int, teacher_dim: int, learned_projection: bool | None = None, normalize: bool = False
+    ):
         super().__init__()
         if learned_projection is None:
             learned_projection = student_dim != teacher_dim
         if not learned_projection and student_dim != teacher_dim:
-            raise ValueError(f"student width {student_dim} differs from teacher width {teacher_dim}: a projection is needed")
+            raise ValueError(
+                f"student width {student_dim} differs from teacher width {teacher_dim}: a projection is needed"
+            )
         self.projection = nn.Linear(student_dim, teacher_dim, bias=False) if learned_projection else nn.Identity()
         self.normalize = normalize
 
@@ -224,7 +243,11 @@ def knowledge_clip_options(
     """[`LossRecipe`] options sizing the trainable projection and concept head, for the Knowledge-CLIP terms that
     `weights` (resolved term weights) gives a nonzero weight; the others get none, as `LossRecipe` requires."""
     options = {
-        TextEmbeddingDistillationLoss.name: {"student_dim": student_dim, "teacher_dim": teacher_dim, "normalize": normalize},
+        TextEmbeddingDistillationLoss.name: {
+            "student_dim": student_dim,
+            "teacher_dim": teacher_dim,
+            "normalize": normalize,
+        },
         ConceptLearningLoss.name: {"embed_dim": student_dim, "num_concepts": num_concepts, "shared_head": shared_head},
     }
     return {name: value for name, value in options.items() if weights.get(name)}
@@ -242,7 +265,8 @@ def knowledge_clip_recipe(
     teacher; `weights` may add or reweight terms (e.g. `"knowledge_clip+dclip"`)."""
     recipe_weights = resolve_recipe(weights)
     return LossRecipe(
-        recipe_weights, knowledge_clip_options(recipe_weights, student_dim, teacher_dim, num_concepts, shared_head, normalize)
+        recipe_weights,
+        knowledge_clip_options(recipe_weights, student_dim, teacher_dim, num_concepts, shared_head, normalize),
     )
 
 

@@ -53,7 +53,7 @@ class AlignStep(nn.Module):
         self.model = model
         self.loss = ContrastiveLoss()
 
-    def train(self, mode: bool = True) -> "AlignStep":
+    def train(self, mode: bool = True) -> AlignStep:
         super().train(mode)
         keep_frozen_norms_in_eval(self.model)
         return self
@@ -66,7 +66,9 @@ class AlignStep(nn.Module):
         if "text_features" in batch:
             text = self.model.text_projection(batch["text_features"])
         else:
-            text = self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
+            text = self.model.get_text_features(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).pooler_output
         terms = self.loss({"image_embeds": image, "text_embeds": text, "logit_scale": self.model.logit_scale.exp()})
         terms["loss"] = terms["contrastive"]
         return terms
@@ -75,8 +77,12 @@ class AlignStep(nn.Module):
 def build_base(config: AlignConfig) -> tuple[DCLIPModel, DCLIPProcessor]:
     if config.init_from:
         return DCLIPModel.from_pretrained(config.init_from), DCLIPProcessor.from_pretrained(config.init_from)
-    model = DCLIPModel.from_vision_text_pretrained(config.vision_model, config.text_model, projection_dim=config.projection_dim)
-    processor = DCLIPProcessor.from_vision_text_pretrained(config.vision_model, config.text_model, regions=config.region_config)
+    model = DCLIPModel.from_vision_text_pretrained(
+        config.vision_model, config.text_model, projection_dim=config.projection_dim
+    )
+    processor = DCLIPProcessor.from_vision_text_pretrained(
+        config.vision_model, config.text_model, regions=config.region_config
+    )
     return model, processor
 
 
@@ -139,7 +145,13 @@ def align_base(
     if eval_dataset is not None:
         evaluate = lambda trained: evaluate_dual_encoder(trained, processor, eval_dataset, config.eval_batch_size)  # noqa: E731
     trained, summary = train(
-        accelerator, AlignStep(model), config, PairBatches(table.counts, config.batch_size, config.seed), collate, evaluate, "align_base"
+        accelerator,
+        AlignStep(model),
+        config,
+        PairBatches(table.counts, config.batch_size, config.seed),
+        collate,
+        evaluate,
+        "align_base",
     )
     if accelerator.is_main_process:
         save_model_atomically(trained, processor, config.output_dir, {"stage": "align_base", **summary})

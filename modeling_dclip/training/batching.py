@@ -43,7 +43,9 @@ class PairBatches:
         order = torch.randperm(len(self.caption_counts), generator=generator).tolist()
         picks = torch.rand(len(order), generator=generator).tolist()
         pairs = [(row, self.caption_offsets[row] + int(p * self.caption_counts[row])) for row, p in zip(order, picks)]
-        return [pairs[i : i + self.batch_size] for i in range(0, self.batches_per_epoch * self.batch_size, self.batch_size)]
+        return [
+            pairs[i : i + self.batch_size] for i in range(0, self.batches_per_epoch * self.batch_size, self.batch_size)
+        ]
 
 
 def shard(batch: list, process_index: int, num_processes: int) -> list:

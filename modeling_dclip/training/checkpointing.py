@@ -17,7 +17,9 @@ def is_complete(folder: str | os.PathLike) -> bool:
     return (Path(folder) / COMPLETE_MARKER).is_file()
 
 
-def save_model_atomically(model, processor, output_dir: str | os.PathLike, summary: dict[str, Any] | None = None) -> Path:
+def save_model_atomically(
+    model, processor, output_dir: str | os.PathLike, summary: dict[str, Any] | None = None
+) -> Path:
     """`save_pretrained` `model` (and `processor`) into `output_dir`, which may already hold other files (such as
     the `training/` folder): everything is written to a temporary folder first, each file is then renamed into
     place, and the completion marker (with `summary`) comes last."""

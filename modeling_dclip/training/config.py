@@ -207,7 +207,9 @@ class DistillConfig(TrainingConfig):
             if unknown:
                 raise ValueError(f"compress: unknown field(s) {unknown}; fields: {sorted(fields)}")
             if self.wise_alpha < 1.0:
-                raise ValueError("wise_alpha < 1 interpolates with the base, whose shape a compressed student no longer has")
+                raise ValueError(
+                    "wise_alpha < 1 interpolates with the base, whose shape a compressed student no longer has"
+                )
 
 
 def _field_names(config_class: type) -> set[str]:
@@ -248,8 +250,16 @@ def parse_stage_config(config_class: type[ConfigT], argv: Sequence[str] | None =
     args = vars(parser.parse_args(argv))
     path = args.pop("config", None)
     overrides = {name: yaml.safe_load(value) if isinstance(value, str) else value for name, value in args.items()}
-    for name in ("output_dir", "work_dir", "data", "base_model", "teacher_model", "text_teacher_model", "init_from",
-                 "resume_from_checkpoint"):
+    for name in (
+        "output_dir",
+        "work_dir",
+        "data",
+        "base_model",
+        "teacher_model",
+        "text_teacher_model",
+        "init_from",
+        "resume_from_checkpoint",
+    ):
         if name in overrides and overrides[name] is not None:
             overrides[name] = str(args[name])  # paths stay strings even when they look like numbers
     return load_stage_config(config_class, path, **overrides)

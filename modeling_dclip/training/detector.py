@@ -50,7 +50,8 @@ def resolve_data_yaml(data_yaml: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"detector data file {file} is not valid YAML: {error}") from None
     if not isinstance(data, dict):
         raise ValueError(
-            f"detector data file {file}: expected a mapping of keys (path, train, val, names), got {type(data).__name__}"
+            f"detector data file {file}: expected a mapping of keys (path, train, val, names), "
+            f"got {type(data).__name__}"
         )
     missing = [key for key in ("train", "val") if not data.get(key)]
     if "names" not in data and "nc" not in data:
@@ -70,7 +71,9 @@ def resolve_data_yaml(data_yaml: str | os.PathLike) -> dict[str, Any]:
     root = next((candidate.resolve() for candidate in candidates if candidate.is_dir()), None)
     if root is None:
         looked_in = [str(candidate) for candidate in candidates]
-        raise FileNotFoundError(f"detector data file {file}: dataset 'path' {declared} not found (looked in {looked_in})")
+        raise FileNotFoundError(
+            f"detector data file {file}: dataset 'path' {declared} not found (looked in {looked_in})"
+        )
     for split in ("train", "val", "test"):
         if data.get(split):
             absent = [str(path) for path in _split_paths(root, data[split]) if not path.exists()]
@@ -114,7 +117,8 @@ def train_detector(
         data_yaml: ultralytics detection data file (`path`, `train`, `val`, `names`), checked first.
         model: an architecture `.yaml` (`yolov8n.yaml`, trained from scratch) or a local `.pt` to fine-tune.
         epochs / imgsz / batch: ultralytics' training settings.
-        output_dir: the run folder; weights land in `{output_dir}/weights/{best,last}.pt`; an existing run is written over.
+        output_dir: the run folder; weights land in `{output_dir}/weights/{best,last}.pt`; an existing run is
+            written over.
         device: `"cpu"`, `"0"`, ...; `None` lets ultralytics choose.
         workers: data loader workers.
         amp: ultralytics' `amp`: False (default; no AMP check, so no download), True/"fp16" (runs its check,
@@ -145,13 +149,25 @@ def train_detector(
         try:
             from ultralytics import YOLO
         except ImportError as error:
-            raise ImportError(f'training a detector needs ultralytics (AGPL-3.0): pip install "dclip[yolo]" ({error})') from error
+            raise ImportError(
+                f'training a detector needs ultralytics (AGPL-3.0): pip install "dclip[yolo]" ({error})'
+            ) from error
         detector = YOLO(str(model_path) if model_path.is_file() else str(model))
         settings = {
-            "data": str(resolved_yaml), "epochs": epochs, "imgsz": imgsz, "batch": batch, "workers": workers,
-            "amp": amp, "seed": seed, "plots": False, "project": str(output_dir.parent), "name": output_dir.name,
-            "exist_ok": True, "verbose": False, **train_args,
-        }  # fmt: skip
+            "data": str(resolved_yaml),
+            "epochs": epochs,
+            "imgsz": imgsz,
+            "batch": batch,
+            "workers": workers,
+            "amp": amp,
+            "seed": seed,
+            "plots": False,
+            "project": str(output_dir.parent),
+            "name": output_dir.name,
+            "exist_ok": True,
+            "verbose": False,
+            **train_args,
+        }
         if device is not None:
             settings["device"] = device
         detector.train(**settings)

@@ -22,7 +22,13 @@ from ..losses import LossRecipe, resolve_recipe
 from ..modeling_dclip import DCLIPModel, DCLIPTeacherModel
 from ..processing_dclip import DCLIPProcessor
 from ..recipes import compress_student, knowledge_clip_options, knowledge_clip_targets, parameter_counts
-from ..recipes.knowledge_clip import CONCEPT_LABELS, LM_EMBEDS, ConceptLearningLoss, TextEmbeddingDistillationLoss, TextTeacher
+from ..recipes.knowledge_clip import (
+    CONCEPT_LABELS,
+    LM_EMBEDS,
+    ConceptLearningLoss,
+    TextEmbeddingDistillationLoss,
+    TextTeacher,
+)
 from .batching import PairBatches
 from .checkpointing import save_model_atomically
 from .config import DistillConfig
@@ -50,7 +56,7 @@ class DistillStep(nn.Module):
         self.recipe = recipe
         self.fixed_logit_scale = logit_scale
 
-    def train(self, mode: bool = True) -> "DistillStep":
+    def train(self, mode: bool = True) -> DistillStep:
         super().train(mode)
         keep_frozen_norms_in_eval(self.model)
         if self.freeze_batchnorm:
@@ -62,8 +68,12 @@ class DistillStep(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         image = self.model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
-        text = self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).pooler_output
-        logit_scale = self.model.logit_scale.exp() if self.fixed_logit_scale <= 0 else torch.tensor(self.fixed_logit_scale)
+        text = self.model.get_text_features(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).pooler_output
+        logit_scale = (
+            self.model.logit_scale.exp() if self.fixed_logit_scale <= 0 else torch.tensor(self.fixed_logit_scale)
+        )
         outputs = {"image_embeds": image, "text_embeds": text, "logit_scale": logit_scale}
         outputs.update({k: v for k, v in batch.items() if k.startswith("teacher_")})
         return self.recipe(outputs)
@@ -111,10 +121,13 @@ def compute_text_teacher_targets(config: DistillConfig, table: CaptionTable) -> 
     return cached(
         Path(config.work_dir) / "text_teacher_targets.safetensors",
         lambda: knowledge_clip_targets(
-            TextTeacher.from_pretrained(config.text_teacher_model), table.captions, config.num_concepts,
-            temperature=config.concept_temperature, seed=config.seed,
+            TextTeacher.from_pretrained(config.text_teacher_model),
+            table.captions,
+            config.num_concepts,
+            temperature=config.concept_temperature,
+            seed=config.seed,
         ),
-    )  # fmt: skip
+    )
 
 
 def build_recipe(config: DistillConfig, student_dim: int, targets: Features) -> LossRecipe:
@@ -123,7 +136,9 @@ def build_recipe(config: DistillConfig, student_dim: int, targets: Features) -> 
     weights = resolve_recipe(config.loss_weights)
     options: dict[str, dict] = {}
     if LM_EMBEDS in targets:
-        options = knowledge_clip_options(weights, student_dim, targets[LM_EMBEDS].shape[1], targets[CONCEPT_LABELS].shape[1])
+        options = knowledge_clip_options(
+            weights, student_dim, targets[LM_EMBEDS].shape[1], targets[CONCEPT_LABELS].shape[1]
+        )
     for name, extra in config.loss_options.items():
         options[name] = {**options.get(name, {}), **extra}
     return LossRecipe(weights, options)
@@ -151,9 +166,11 @@ def build_student(config: DistillConfig) -> tuple[nn.Module, DCLIPProcessor]:
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
-            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
             target_modules=list(config.lora_target_modules),
-        )  # fmt: skip
+        )
         student = get_peft_model(student, lora)
     frozen = freeze_by_patterns(student, config.freeze_patterns)
     logger.info("distill_student: %d parameter tensors frozen by %s", len(frozen), config.freeze_patterns)
@@ -181,7 +198,9 @@ def distill_student(
     recipe = build_recipe(config, student.config.projection_dim, targets)
     if set(DUAL_ENCODER_KEYS) & set(recipe.required_inputs):
         if not config.teacher_model:
-            raise ValueError(f"distill_student: the recipe {recipe.weights} needs a teacher, but teacher_model is empty")
+            raise ValueError(
+                f"distill_student: the recipe {recipe.weights} needs a teacher, but teacher_model is empty"
+            )
         with accelerator.main_process_first():
             targets.update(compute_teacher_targets(config, train_rows, table))
 
@@ -197,7 +216,13 @@ def distill_student(
         evaluate = lambda trained: evaluate_dual_encoder(trained, processor, eval_dataset, config.eval_batch_size)  # noqa: E731
     step = DistillStep(student, recipe, config.logit_scale, config.freeze_batchnorm_stats)
     trained, summary = train(
-        accelerator, step, config, PairBatches(table.counts, config.batch_size, config.seed), collate, evaluate, "distill_student"
+        accelerator,
+        step,
+        config,
+        PairBatches(table.counts, config.batch_size, config.seed),
+        collate,
+        evaluate,
+        "distill_student",
     )
     if accelerator.is_main_process:
         if config.lora_r > 0:

@@ -25,5 +25,10 @@ def evaluate_teacher(
             `modeling_dclip.data.region_cache.region_embeddings`).
     """
     return evaluate_model(
-        teacher, processor, dataset, supported_tasks(dataset), region_features=regions, max_pairs_per_step=max_pairs_per_step
+        teacher,
+        processor,
+        dataset,
+        supported_tasks(dataset),
+        region_features=regions,
+        max_pairs_per_step=max_pairs_per_step,
     )

@@ -79,9 +79,13 @@ def text_features(teacher, processor, texts: list[str], batch_size: int = 128) -
     for start in range(0, len(texts), batch_size):
         rows = order[start : start + batch_size]
         length = max(1, int(lengths[rows].max()))
-        token_states, global_embeds = teacher.encode_text_tokens(input_ids[rows, :length], attention_mask[rows, :length])
+        token_states, global_embeds = teacher.encode_text_tokens(
+            input_ids[rows, :length], attention_mask[rows, :length]
+        )
         if states is None:
-            states = token_states.new_zeros(len(texts), attention_mask.shape[1], token_states.shape[-1], dtype=torch.float32)
+            states = token_states.new_zeros(
+                len(texts), attention_mask.shape[1], token_states.shape[-1], dtype=torch.float32
+            )
             embeds = global_embeds.new_zeros(len(texts), global_embeds.shape[-1], dtype=torch.float32)
         states[rows, :length] = token_states.float()
         embeds[rows] = global_embeds.float()
@@ -103,7 +107,9 @@ def gather_pairs(regions: Features, texts: Features, image_rows: torch.Tensor, t
 
 
 @torch.no_grad()
-def teacher_targets(teacher, regions: Features, texts: Features, caption_to_image: torch.Tensor, batch_size: int = 256) -> Features:
+def teacher_targets(
+    teacher, regions: Features, texts: Features, caption_to_image: torch.Tensor, batch_size: int = 256
+) -> Features:
     """The teacher's enriched embeddings of every (image, its caption) pair, computed once for distillation.
 
     Returns:
@@ -117,4 +123,3 @@ def teacher_targets(teacher, regions: Features, texts: Features, caption_to_imag
         images.append(image.float())
         texts_out.append(text.float())
     return {"teacher_image_embeds": torch.cat(images), "teacher_text_embeds": torch.cat(texts_out)}
-

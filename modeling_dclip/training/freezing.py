@@ -52,5 +52,7 @@ def keep_frozen_norms_in_eval(model: nn.Module) -> None:
     """Put BatchNorm layers without trainable parameters in eval mode, so that frozen layers stay frozen (their
     running statistics do not drift) after `model.train()`."""
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in module.parameters()
+        ):
             module.eval()

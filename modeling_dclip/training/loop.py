@@ -26,6 +26,7 @@ from .config import TrainingConfig
 
 logger = logging.getLogger(__name__)
 
+
 class TrainingProgress:
     """The loop's own state, saved with every checkpoint."""
 
@@ -71,7 +72,9 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         # Frozen or unused parameters (a locked tower whose features are cached, an unused pooler) are normal here.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         log_with=config.report_to or None,
-        project_config=ProjectConfiguration(project_dir=config.work_dir, logging_dir=str(Path(config.work_dir) / "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=config.work_dir, logging_dir=str(Path(config.work_dir) / "logs")
+        ),
     )
     if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate would silently train in full precision: no fp16 autocast on CPU.
@@ -129,7 +132,9 @@ def train(
     total_steps = config.max_steps or steps_per_epoch * config.num_epochs
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     # The scheduler is not prepared: prepared schedulers step once per process, ours steps once per update.
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps
+    )
     model, optimizer = accelerator.prepare(module, optimizer)
     progress = TrainingProgress()
     accelerator.register_for_checkpointing(scheduler, progress)
@@ -139,7 +144,9 @@ def train(
         accelerator.load_state(str(resume))
         logger.info("%s: resumed from %s at step %d", stage_name, resume, progress.step)
     if config.report_to:
-        accelerator.init_trackers(stage_name, config={k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(
+            stage_name, config={k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+        )
 
     bar = tqdm(total=total_steps, initial=progress.step, desc=stage_name, disable=not accelerator.is_main_process)
     history: list[dict[str, float]] = []

@@ -65,29 +65,80 @@ class RunPreset:
 PRESETS: dict[str, dict[str, Any]] = {
     # Fits the 10-minute budget on a 2-core CPU.
     "default": {
-        "align": {"num_epochs": 40, "batch_size": 64, "learning_rate": 2e-3, "warmup_steps": 10, "train_text_tower": False},
-        "teacher": {"objective": "pairwise", "num_epochs": 20, "batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 10,
-                    "fusion_dim": 64, "num_attention_heads": 2, "intermediate_size": 128},
-        "distill": {"num_epochs": 5, "batch_size": 32, "learning_rate": 3e-4, "warmup_steps": 5,
-                    "freeze_patterns": ["text_model.*", "vision_model.timm_model.conv_stem.*",
-                                        "vision_model.timm_model.bn1.*", "vision_model.timm_model.blocks.[0-4].*"]},
+        "align": {
+            "num_epochs": 40,
+            "batch_size": 64,
+            "learning_rate": 2e-3,
+            "warmup_steps": 10,
+            "train_text_tower": False,
+        },
+        "teacher": {
+            "objective": "pairwise",
+            "num_epochs": 20,
+            "batch_size": 32,
+            "learning_rate": 1e-3,
+            "warmup_steps": 10,
+            "fusion_dim": 64,
+            "num_attention_heads": 2,
+            "intermediate_size": 128,
+        },
+        "distill": {
+            "num_epochs": 5,
+            "batch_size": 32,
+            "learning_rate": 3e-4,
+            "warmup_steps": 5,
+            "freeze_patterns": [
+                "text_model.*",
+                "vision_model.timm_model.conv_stem.*",
+                "vision_model.timm_model.bn1.*",
+                "vision_model.timm_model.blocks.[0-4].*",
+            ],
+        },
     },
     # For tests: a few images, one short epoch per stage.
     "tiny": {
-        "pretrain_images": 32, "train_images": 32, "val_images": 8, "test_images": 16, "scene_size": 64, "image_size": 64,
+        "pretrain_images": 32,
+        "train_images": 32,
+        "val_images": 8,
+        "test_images": 16,
+        "scene_size": 64,
+        "image_size": 64,
         "align": {"num_epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "train_text_tower": False},
-        "teacher": {"num_epochs": 1, "batch_size": 16, "fusion_dim": 32, "num_attention_heads": 2, "intermediate_size": 64},
-        "distill": {"num_epochs": 1, "batch_size": 16,
-                    "freeze_patterns": ["text_model.*", "vision_model.timm_model.conv_stem.*",
-                                        "vision_model.timm_model.bn1.*", "vision_model.timm_model.blocks.[0-5].*"]},
+        "teacher": {
+            "num_epochs": 1,
+            "batch_size": 16,
+            "fusion_dim": 32,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+        "distill": {
+            "num_epochs": 1,
+            "batch_size": 16,
+            "freeze_patterns": [
+                "text_model.*",
+                "vision_model.timm_model.conv_stem.*",
+                "vision_model.timm_model.bn1.*",
+                "vision_model.timm_model.blocks.[0-5].*",
+            ],
+        },
     },
     # Closer to the paper's scale; hours on CPU.
     "large": {
-        "pretrain_images": 10000, "train_images": 5000, "val_images": 200, "test_images": 1000, "scene_size": 224,
+        "pretrain_images": 10000,
+        "train_images": 5000,
+        "val_images": 200,
+        "test_images": 1000,
+        "scene_size": 224,
         "image_size": 224,
         "align": {"num_epochs": 10, "batch_size": 128, "learning_rate": 1e-4, "unlock_text_layers": -1},
-        "teacher": {"num_epochs": 10, "batch_size": 64, "learning_rate": 1e-4, "fusion_dim": 256, "num_attention_heads": 4,
-                    "intermediate_size": 1024},
+        "teacher": {
+            "num_epochs": 10,
+            "batch_size": 64,
+            "learning_rate": 1e-4,
+            "fusion_dim": 256,
+            "num_attention_heads": 4,
+            "intermediate_size": 1024,
+        },
         "distill": {"num_epochs": 2, "batch_size": 64, "learning_rate": 1e-5},
     },
 }
@@ -145,9 +196,15 @@ def _prepare_data(preset: RunPreset, data_dir: Path) -> datasets.DatasetDict:
     else:
         from ..data.synthetic import make_synthetic_splits
 
-        sizes = {"pretrain": preset.pretrain_images, "train": preset.train_images, "val": preset.val_images,
-                 "test": preset.test_images}  # fmt: skip
-        splits = make_synthetic_splits({name: n for name, n in sizes.items() if n}, seed=preset.seed, image_size=preset.scene_size)
+        sizes = {
+            "pretrain": preset.pretrain_images,
+            "train": preset.train_images,
+            "val": preset.val_images,
+            "test": preset.test_images,
+        }
+        splits = make_synthetic_splits(
+            {name: n for name, n in sizes.items() if n}, seed=preset.seed, image_size=preset.scene_size
+        )
     temporary = data_dir.with_name(data_dir.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     splits.save_to_disk(str(temporary))
@@ -200,39 +257,67 @@ def run_pipeline(
         return result
 
     data_dir = work / "data"
-    splits = stage("data", False, lambda: _prepare_data(preset, data_dir)) if not (data_dir / "dataset_dict.json").is_file() else None
+    splits = (
+        stage("data", False, lambda: _prepare_data(preset, data_dir))
+        if not (data_dir / "dataset_dict.json").is_file()
+        else None
+    )
     splits = splits or datasets.load_from_disk(str(data_dir))
     train, val = splits["train"], splits["val"] if "val" in splits else None
     common = {"seed": preset.seed, "image_size": preset.image_size, "eval_split": ""}
     use_boxes = preset.use_dataset_boxes and "boxes" in train.column_names
 
     align_config = load_stage_config(
-        AlignConfig, **{**common, "output_dir": str(out / "base"), "work_dir": str(work / "base"), "region_config": preset.regions, **preset.align}
+        AlignConfig,
+        **{
+            **common,
+            "output_dir": str(out / "base"),
+            "work_dir": str(work / "base"),
+            "region_config": preset.regions,
+            **preset.align,
+        },
     )
     if "pretrain" not in splits:
-        log("[dclip run] no 'pretrain' split: the base is aligned on 'train', the split the teacher and student learn from")
+        log(
+            "[dclip run] no 'pretrain' split: the base is aligned on 'train', "
+            "the split the teacher and student learn from"
+        )
     pretrain = splits["pretrain"] if "pretrain" in splits else train
     stage("align_base", is_complete(out / "base"), lambda: align_base(align_config, pretrain))
     teacher_config = load_stage_config(
         TeacherConfig,
-        **{**common, "base_model": str(out / "base"), "output_dir": str(out / "teacher"), "work_dir": str(work / "teacher"),
-           "regions": preset.regions, "use_dataset_boxes": use_boxes, **preset.teacher},
-    )  # fmt: skip
+        **{
+            **common,
+            "base_model": str(out / "base"),
+            "output_dir": str(out / "teacher"),
+            "work_dir": str(work / "teacher"),
+            "regions": preset.regions,
+            "use_dataset_boxes": use_boxes,
+            **preset.teacher,
+        },
+    )
     from .teacher import train_teacher
 
     # No validation for the teacher: scoring every (caption, image) pair each epoch would cost more than training it.
     stage("train_teacher", is_complete(out / "teacher"), lambda: train_teacher(teacher_config, train))
     distill_config = load_stage_config(
         DistillConfig,
-        **{**common, "base_model": str(out / "base"), "teacher_model": str(out / "teacher"),
-           "output_dir": str(out / "student"), "work_dir": str(work / "student"), "use_dataset_boxes": use_boxes,
-           **preset.distill},
-    )  # fmt: skip
+        **{
+            **common,
+            "base_model": str(out / "base"),
+            "teacher_model": str(out / "teacher"),
+            "output_dir": str(out / "student"),
+            "work_dir": str(work / "student"),
+            "use_dataset_boxes": use_boxes,
+            **preset.distill,
+        },
+    )
     from .distill import distill_student
 
     # The teacher's targets come from the features cached while training it, not from a second pass.
     targets_cache = work / "student" / "teacher_targets.safetensors"
     if not targets_cache.is_file() and not is_complete(out / "student"):
+
         def targets():
             from .data import CaptionTable
             from .features import teacher_targets, text_features
@@ -244,7 +329,9 @@ def run_pipeline(
                 work / "teacher" / "train_regions.safetensors",
                 lambda: region_features(teacher, processor, train, use_dataset_boxes=use_boxes),
             )
-            texts = cached(work / "teacher" / "train_texts.safetensors", lambda: text_features(teacher, processor, table.captions))
+            texts = cached(
+                work / "teacher" / "train_texts.safetensors", lambda: text_features(teacher, processor, table.captions)
+            )
             return cached(targets_cache, lambda: teacher_targets(teacher, regions, texts, table.caption_to_image))
 
         stage("teacher_targets", False, targets)
@@ -275,15 +362,23 @@ def run_pipeline(
 
     results = {
         "models": models,
-        "dataset": {"spec": preset.data or f"synthetic scenes (seed {preset.seed})",
-                    "splits": {split: len(rows) for split, rows in splits.items()}, "evaluated_on": "test",
-                    "regions": "dataset boxes (exact object boxes, standing in for a trained detector)" if use_boxes
-                    else preset.regions},
-        "config": {"preset": asdict(preset), "align_base": align_config.to_dict(), "train_teacher": teacher_config.to_dict(),
-                   "distill_student": distill_config.to_dict()},
+        "dataset": {
+            "spec": preset.data or f"synthetic scenes (seed {preset.seed})",
+            "splits": {split: len(rows) for split, rows in splits.items()},
+            "evaluated_on": "test",
+            "regions": "dataset boxes (exact object boxes, standing in for a trained detector)"
+            if use_boxes
+            else preset.regions,
+        },
+        "config": {
+            "preset": asdict(preset),
+            "align_base": align_config.to_dict(),
+            "train_teacher": teacher_config.to_dict(),
+            "distill_student": distill_config.to_dict(),
+        },
         "versions": _versions(),
         "timings_s": timings,
-    }  # fmt: skip
+    }
     write_json_atomically(out / "results.json", results)
     (out / "results.md.tmp").write_text(results_markdown(results))
     (out / "results.md.tmp").replace(out / "results.md")
@@ -294,7 +389,12 @@ def results_markdown(results: dict[str, Any]) -> str:
     """A Markdown table of `results["models"]` (percentages) with the per-stage timings."""
     models = results["models"]
     keys = sorted({k for metrics in models.values() for k in metrics if k != "n"})
-    lines = ["# dclip run results", "", f"Dataset: {results['dataset']['spec']}, splits {results['dataset']['splits']}; evaluated on test.", ""]
+    lines = [
+        "# dclip run results",
+        "",
+        f"Dataset: {results['dataset']['spec']}, splits {results['dataset']['splits']}; evaluated on test.",
+        "",
+    ]
     lines.append("| metric | " + " | ".join(models) + " |")
     lines.append("|---|" + "---|" * len(models))
     for key in keys:

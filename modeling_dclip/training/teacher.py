@@ -133,11 +133,15 @@ def train_teacher(
     table = CaptionTable.from_dataset(train_rows)
     work = Path(config.work_dir)
     with accelerator.main_process_first():
-        regions = cached_region_features(teacher, processor, train_rows, work / "train_regions.safetensors", config.use_dataset_boxes)
+        regions = cached_region_features(
+            teacher, processor, train_rows, work / "train_regions.safetensors", config.use_dataset_boxes
+        )
         texts = cached(work / "train_texts.safetensors", lambda: text_features(teacher, processor, table.captions))
         eval_regions = None
         if eval_dataset is not None:
-            eval_regions = cached_region_features(teacher, processor, eval_dataset, work / "eval_regions.safetensors", config.use_dataset_boxes)
+            eval_regions = cached_region_features(
+                teacher, processor, eval_dataset, work / "eval_regions.safetensors", config.use_dataset_boxes
+            )
 
     def collate(pairs: list[tuple[int, int]]) -> Features:
         rows = torch.tensor([row for row, _ in pairs])
