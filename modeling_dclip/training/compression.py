@@ -1,0 +1,170 @@
+"""`distill_towers`: stage 1 of two-stage compression ("Leaner and Faster", NAACL 2022) on unpaired data.
+
+The smaller student is built from the big one ([`compress_student`], optionally with a reduced vocabulary,
+[`reduce_vocabulary`]); then each of its towers learns, on its own, the big model's projected embeddings of the same
+inputs (intra-modal contrastive distillation, recipe `compression_stage1`). Images and texts come from separate
+collections and are never paired: a batch holds `batch_size` images and about `len(texts) / len(images)` times as
+many texts, and no loss term compares an image with a text. Stage 2 (contrastive fine-tuning on pairs) is the
+ordinary `align_base` / `distill_student` run from this stage's output.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+
+from ..losses import LossRecipe
+from ..modeling_dclip import DCLIPModel
+from ..processing_dclip import DCLIPProcessor
+from ..recipes.compression import compress_student, parameter_counts, reduce_vocabulary
+from .align import set_image_size
+from .batching import PairBatches
+from .checkpointing import save_model_atomically
+from .config import TrainingConfig
+from .data import batched, pixel_values_of, tokenize
+from .distill import DistillStep
+from .features import Features, cached
+from .freezing import freeze_by_patterns
+from .loop import make_accelerator, train
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TowerDistillConfig(TrainingConfig):
+    """Stage 1 of two-stage compression on unpaired images and texts.
+
+    Args:
+        big_model: the full student (a saved `DCLIPModel` folder): compressed into the student, and, frozen, the
+            source of the targets.
+        compress: keyword arguments of `compress_student` (`text_layers`, `vision_blocks`, ...).
+        reduce_vocabulary: shrink the text tower's word embeddings to the tokens of the vocabulary corpus given to
+            [`distill_towers`] (its texts when none is given).
+        freeze_patterns: `fnmatch` patterns of the student's parameters kept frozen (e.g. the stem and first blocks
+            a kept-block tower shares unchanged with the big one).
+        loss_weights: the recipe (default `compression_stage1`: image and text intra-modal contrastive distillation).
+        logit_scale: fixed inverse temperature of the distillation InfoNCE terms.
+        batch_size: images per global batch; each image row brings its share of the texts.
+    """
+
+    big_model: str = "outputs/student"
+    compress: dict = field(default_factory=lambda: {"text_layers": "every_other", "vision_blocks": "first"})
+    reduce_vocabulary: bool = True
+    freeze_patterns: list = field(default_factory=list)
+    loss_weights: dict | str = "compression_stage1"
+    logit_scale: float = 20.0
+    batch_size: int = 64
+    learning_rate: float = 1e-4
+    eval_metric: str = "loss"
+
+
+@torch.no_grad()
+def big_model_embeddings(
+    model: DCLIPModel, processor: DCLIPProcessor, images: datasets.Dataset, texts: list[str], batch_size: int = 64
+) -> Features:
+    """The big model's projected (unnormalised) embeddings: `teacher_image_embeds [n_images, P]` of `images`'
+    `image` column and `teacher_text_embeds [n_texts, P]` of `texts`."""
+    model.eval()
+    image_chunks = [
+        model.get_image_features(pixel_values=pixel_values_of(processor, images, rows)).pooler_output.float()
+        for rows in batched(len(images), batch_size)
+    ]
+    text_chunks = []
+    for rows in batched(len(texts), 4 * batch_size):
+        encoded = tokenize(processor, [texts[row] for row in rows])
+        text_chunks.append(model.get_text_features(**encoded).pooler_output.float())
+    return {"teacher_image_embeds": torch.cat(image_chunks), "teacher_text_embeds": torch.cat(text_chunks)}
+
+
+def text_groups(num_texts: int, num_images: int, seed: int) -> list[list[int]]:
+    """Texts dealt to image rows: a seeded permutation of `range(num_texts)` split into `num_images` groups of
+    `num_texts // num_images` or one more, so that an epoch over the images also visits every text once."""
+    order = torch.randperm(num_texts, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [order[row::num_images] for row in range(num_images)]
+
+
+def build_compressed_student(
+    config: TowerDistillConfig, vocabulary: list[str]
+) -> tuple[DCLIPModel, DCLIPModel, DCLIPProcessor, DCLIPProcessor]:
+    """`(big, student, big_processor, student_processor)`: the frozen big model and the smaller student built from
+    it (`config.compress`, then the reduced vocabulary of `vocabulary`), each with its processor."""
+    big = DCLIPModel.from_pretrained(config.big_model).eval()
+    big.requires_grad_(False)
+    big_processor = DCLIPProcessor.from_pretrained(config.big_model)
+    set_image_size(big_processor, config.image_size)
+    student = compress_student(big, **config.compress)
+    tokenizer = big_processor.tokenizer
+    if config.reduce_vocabulary:
+        student, tokenizer = reduce_vocabulary(student, tokenizer, vocabulary)
+    processor = DCLIPProcessor(
+        image_processor=big_processor.image_processor, tokenizer=tokenizer, region_config=big_processor.region_config
+    )
+    student.requires_grad_(True)
+    frozen = freeze_by_patterns(student, config.freeze_patterns)
+    logger.info("distill_towers: %d parameter tensors frozen by %s", len(frozen), config.freeze_patterns)
+    return big, student, big_processor, processor
+
+
+def distill_towers(
+    config: TowerDistillConfig, images: datasets.Dataset, texts: list[str], vocabulary: list[str] | None = None
+) -> Path:
+    """Build the compressed student and distil each tower from the big model; save it with its processor (and
+    reduced tokenizer) to `config.output_dir`.
+
+    Args:
+        config: see [`TowerDistillConfig`].
+        images: a dataset with an `image` column (photos from anywhere; no captions needed).
+        texts: texts (captions from anywhere; not paired with `images`).
+        vocabulary: the corpus whose tokens the reduced vocabulary keeps; defaults to `texts`.
+
+    Returns:
+        `config.output_dir`.
+    """
+    if len(images) < config.batch_size or not texts:
+        raise ValueError(f"distill_towers: {len(images)} images and {len(texts)} texts; need a batch of images")
+    accelerator = make_accelerator(config)
+    big, student, big_processor, processor = build_compressed_student(config, vocabulary or texts)
+    with accelerator.main_process_first():
+        targets = cached(
+            Path(config.work_dir) / "big_model_embeddings.safetensors",
+            lambda: big_model_embeddings(big, big_processor, images, texts, config.eval_batch_size),
+        )
+    groups = text_groups(len(texts), len(images), config.seed)
+
+    def collate(pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        rows = [row for row, _ in pairs]
+        text_rows = [text for row in rows for text in groups[row]]
+        batch = tokenize(processor, [texts[text] for text in text_rows])
+        batch["pixel_values"] = pixel_values_of(processor, images, rows)
+        batch["teacher_image_embeds"] = targets["teacher_image_embeds"][rows]
+        batch["teacher_text_embeds"] = targets["teacher_text_embeds"][text_rows]
+        return batch
+
+    # BatchNorm statistics of the trainable blocks adapt to the blocks that were removed before them.
+    step = DistillStep(student, LossRecipe(config.loss_weights), config.logit_scale, freeze_batchnorm=False)
+    trained, summary = train(
+        accelerator,
+        step,
+        config,
+        PairBatches([1] * len(images), config.batch_size, config.seed),
+        collate,
+        None,
+        "distill_towers",
+    )
+    if accelerator.is_main_process:
+        summary |= {
+            "parameters": parameter_counts(trained),
+            "num_images": len(images),
+            "num_texts": len(texts),
+            "vocabulary_size": len(processor.tokenizer),
+        }
+        save_model_atomically(trained.eval(), processor, config.output_dir, {"stage": "distill_towers", **summary})
+    accelerator.wait_for_everyone()
+    return Path(config.output_dir)
+
+
+__all__ = ["TowerDistillConfig", "big_model_embeddings", "build_compressed_student", "distill_towers", "text_groups"]
