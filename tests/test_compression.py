@@ -83,7 +83,7 @@ def test_reduced_vocabulary_tokenizes_the_corpus_as_before_and_falls_back_to_pie
 ):
     small, processor = compressed
     original, reduced = embedded_processor.tokenizer, processor.tokenizer
-    assert 200 < len(reduced) < 400 < len(original)  # the corpus' tokens, ASCII characters (both forms), specials
+    assert 100 < len(reduced) < 300 < len(original)  # the corpus' tokens, ASCII characters (both forms), specials
     for text in CORPUS:
         assert reduced.tokenize(text) == original.tokenize(text)
     # An unseen word splits into kept pieces (down to characters); a non-ASCII character becomes [UNK].

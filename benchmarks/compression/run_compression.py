@@ -110,10 +110,14 @@ def evaluate(folder: Path, test: datasets.Dataset, cifar10: datasets.Dataset, ev
     return metrics
 
 
-def speeds(folders: dict[str, Path], test: datasets.Dataset, rounds: dict[int, int]) -> dict[str, Any]:
-    """Seconds per batch of each model, side by side: the same test photos and captions (each model's own
-    preprocessing and tokenizer) prepared once, then the models encode them in turn, round after round (a warm-up
-    round first); per batch size the median seconds of every model and the per-round ratios full / model."""
+def speeds(
+    folders: dict[str, Path], test: datasets.Dataset, rounds: dict[int, int], sizes: list[int]
+) -> dict[str, Any]:
+    """Seconds per batch of each model, side by side, with 2 threads: the same test photos (at each of `sizes`
+    pixels) and captions (each model's own tokenizer) prepared once, then the models encode them in turn, round
+    after round (a warm-up round first). Per size and batch size (`rounds`: batch size -> rounds): each model's
+    median seconds and the per-round ratios full / model (`*_speedup`, mean and std over rounds)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(2)
     largest = max(rounds)  # the batch sizes
     rows = test.select(range(largest))
@@ -122,38 +126,43 @@ def speeds(folders: dict[str, Path], test: datasets.Dataset, rounds: dict[int, i
     models = {name: DCLIPModel.from_pretrained(folder).eval() for name, folder in folders.items()}
     processors = {name: DCLIPProcessor.from_pretrained(folder) for name, folder in folders.items()}
     result: dict[str, Any] = {"threads": torch.get_num_threads(), "load_before": os.getloadavg()}
-    for batch, count in rounds.items():
-        inputs = {
-            name: (
-                processor(images=images[:batch], return_tensors="pt")["pixel_values"],
-                processor(text=captions[:batch], return_tensors="pt", padding=True, truncation=True),
-            )
-            for name, processor in processors.items()
-        }
-        seconds = {name: {"images": [], "texts": []} for name in models}
-        with torch.inference_mode():
-            for round_index in range(count + 1):
-                for name, model in models.items():
-                    pixel_values, text = inputs[name]
-                    start = time.perf_counter()
-                    model.get_image_features(pixel_values=pixel_values)
-                    middle = time.perf_counter()
-                    model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
-                    end = time.perf_counter()
-                    if round_index:
-                        seconds[name]["images"].append(middle - start)
-                        seconds[name]["texts"].append(end - middle)
-        entry: dict[str, Any] = {"rounds": count}
-        for name, times in seconds.items():
-            entry[name] = {f"{kind}_median_s": statistics.median(values) for kind, values in times.items()}
-            for kind in ("images", "texts"):
-                ratios = [f / c for f, c in zip(seconds["full"][kind], times[kind])]
-                entry[name][f"{kind}_speedup"] = mean_std(ratios)
-                entry[name][f"{kind}_speedup_of_medians"] = (
-                    statistics.median(seconds["full"][kind]) / entry[name][f"{kind}_median_s"]
+    for size in sizes:
+        for batch, count in rounds.items():
+            crop = {"height": size, "width": size}
+            inputs = {
+                name: (
+                    processor.image_processor(
+                        images[:batch], size={"shortest_edge": size}, crop_size=crop, return_tensors="pt"
+                    )["pixel_values"],
+                    processor(text=captions[:batch], return_tensors="pt", padding=True, truncation=True),
                 )
-        result[f"batch_{batch}"] = entry
+                for name, processor in processors.items()
+            }
+            seconds = {name: {"images": [], "texts": []} for name in models}
+            with torch.inference_mode():
+                for round_index in range(count + 1):
+                    for name, model in models.items():
+                        pixel_values, text = inputs[name]
+                        start = time.perf_counter()
+                        model.get_image_features(pixel_values=pixel_values)
+                        middle = time.perf_counter()
+                        model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
+                        end = time.perf_counter()
+                        if round_index:
+                            seconds[name]["images"].append(middle - start)
+                            seconds[name]["texts"].append(end - middle)
+            entry: dict[str, Any] = {"rounds": count}
+            for name, times in seconds.items():
+                entry[name] = {f"{kind}_median_s": statistics.median(values) for kind, values in times.items()}
+                for kind in ("images", "texts"):
+                    ratios = [f / c for f, c in zip(seconds["full"][kind], times[kind])]
+                    entry[name][f"{kind}_speedup"] = mean_std(ratios)
+                    entry[name][f"{kind}_speedup_of_medians"] = (
+                        statistics.median(seconds["full"][kind]) / entry[name][f"{kind}_median_s"]
+                    )
+            result[f"{size}px_batch_{batch}"] = entry
     result["load_after"] = os.getloadavg()
+    torch.set_num_threads(threads)
     return result
 
 
@@ -197,13 +206,15 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['parameters']['compressed']['total'] / 1e6:.2f} M (ratio {results['parameter_ratio']['mean']:.3f}); "
         f"file size ratio {results['file_size_ratio']:.3f}",
     ]
-    for batch in results["speed_batches"]:
-        entry = results["speed"][f"batch_{batch}"]["compressed_seed0"]
-        lines.append(
-            f"batch {batch}: images x{entry['images_speedup']['mean']:.2f} ± {entry['images_speedup']['std']:.2f}, "
-            f"texts x{entry['texts_speedup']['mean']:.2f} ± {entry['texts_speedup']['std']:.2f} (per-round ratios, "
-            f"{entry['images_speedup']['n']} rounds)"
-        )
+    for size in results["speed_sizes"]:
+        for batch in results["speed_batches"]:
+            entry = results["speed"][f"{size}px_batch_{batch}"][f"compressed_seed{results['seeds'][0]}"]
+            lines.append(
+                f"{size} px, batch {batch}: images x{entry['images_speedup']['mean']:.2f} ± "
+                f"{entry['images_speedup']['std']:.2f}, "
+                f"texts x{entry['texts_speedup']['mean']:.2f} ± {entry['texts_speedup']['std']:.2f} (per-round ratios, "
+                f"{entry['images_speedup']['n']} rounds)"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -213,14 +224,15 @@ def main() -> None:
     parser.add_argument("--data", default=str(SHARED_DATA / "flickr8k"))
     parser.add_argument("--cifar10", default=str(SHARED_DATA / "cifar10-test"))
     parser.add_argument("--cifar10-images", type=int, default=0, help="evaluate the first N CIFAR-10 images (0: all)")
-    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--speed-sizes", type=int, nargs="+", default=[64, 224], help="image sizes timed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--text-layers", type=int, nargs="+", default=[5], help="MiniLM layers kept (0-based)")
     parser.add_argument("--align-epochs", type=int, default=10)
     parser.add_argument("--stage1-epochs", type=int, default=2)
     parser.add_argument("--stage2-epochs", type=int, default=2)
-    parser.add_argument("--stage2-lr", type=float, default=5e-5)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads while training and evaluating")
+    parser.add_argument("--stage2-lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while training and evaluating")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out = args.output_dir
@@ -245,7 +257,7 @@ def main() -> None:
         "batch_size": 128,
         "learning_rate": args.stage2_lr,
         "warmup_steps": 20,
-        "train_text_tower": True,
+        "train_text_tower": False,
         "unlock_vision_blocks": 0,
         "image_size": size,
         "eval_metric": "text_to_image_R@1",
@@ -268,7 +280,8 @@ def main() -> None:
         lambda: align_base(AlignConfig(output_dir=str(base), eval_split="", **base_settings), train),
     )
     full = out / "full"
-    full_settings = {"init_from": str(base), "seed": 0, **stage2}
+    # The full student's towers are the base's, locked: it reads the base's cached tower features.
+    full_settings = {"init_from": str(base), "seed": 0, "work_dir": str(base / "training"), **stage2}
     run_stage(full, full_settings, lambda: align_base(AlignConfig(output_dir=str(full), **full_settings), train, val))
 
     stage1 = out / "stage1"
@@ -303,7 +316,8 @@ def main() -> None:
     measured: dict[str, dict[str, float]] = {"full": evaluate(full, test, cifar10, evals)}
     for seed in args.seeds:
         folder = out / f"stage2_seed{seed}"
-        settings = {"init_from": str(stage1), "seed": seed, **stage2}
+        # Every seed starts from the same stage-1 towers, locked: their cached features are shared.
+        settings = {"init_from": str(stage1), "seed": seed, "work_dir": str(out / "stage2_features"), **stage2}
         run_stage(
             folder,
             settings,
@@ -330,11 +344,11 @@ def write_results(
     seeds = sorted(compressed)
     batches = {1: 21, 64: 7}
     folders = {"full": full, **{f"compressed_seed{seed}": compressed[seed] for seed in seeds}}
-    speed = speeds(folders, test, batches)
+    speed = speeds(folders, test, batches, args.speed_sizes)
     full_params = parameter_counts(DCLIPModel.from_pretrained(full))
     small_params = parameter_counts(DCLIPModel.from_pretrained(compressed[seeds[0]]))
     file_size = {name: (folder / "model.safetensors").stat().st_size for name, folder in folders.items()}
-    entries = {64: speed["batch_64"], 1: speed["batch_1"]}
+    batch_64 = speed[f"{args.image_size}px_batch_64"]
     results = {
         "command": "PYTHONPATH=. python benchmarks/compression/run_compression.py "
         + " ".join(
@@ -348,9 +362,10 @@ def write_results(
         "parameter_ratio": {"mean": small_params["total"] / full_params["total"], "std": 0.0},
         "file_size_ratio": statistics.fmean(file_size[f"compressed_seed{s}"] for s in seeds) / file_size["full"],
         "file_sizes": file_size,
-        "image_speedup": mean_std([entries[64][f"compressed_seed{s}"]["images_speedup"]["mean"] for s in seeds]),
-        "text_speedup": mean_std([entries[64][f"compressed_seed{s}"]["texts_speedup"]["mean"] for s in seeds]),
+        "image_speedup": mean_std([batch_64[f"compressed_seed{s}"]["images_speedup"]["mean"] for s in seeds]),
+        "text_speedup": mean_std([batch_64[f"compressed_seed{s}"]["texts_speedup"]["mean"] for s in seeds]),
         "speed_batches": list(batches),
+        "speed_sizes": args.speed_sizes,
         "speed": speed,
         "models": {
             "full": {metric: mean_std([measured["full"][metric]]) for metric in METRICS},
