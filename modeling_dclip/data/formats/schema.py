@@ -198,19 +198,24 @@ def with_canonical_columns(
     columns: dict[str, list],
     features: datasets.Features,
 ) -> datasets.Dataset:
-    """`dataset`'s (embedded) image column as `image`, restricted to `kept_rows`, plus the canonical `columns`.
+    """`dataset`'s (embedded) image column as `image`, restricted to `kept_rows`, plus the canonical `columns`
+    (one value per kept row).
 
-    The image bytes stay in Arrow (no copy through Python objects).
+    The image bytes stay in Arrow: never copied through Python objects, nor rewritten when rows are dropped (the
+    columns are added for every row, then `select` keeps an index mapping over the memory-mapped table).
     """
     output = dataset.select_columns([image_column])
-    if len(kept_rows) != len(dataset):
-        output = output.select(kept_rows)
     if image_column != "image":
         output = output.rename_column(image_column, "image")
     output = output.cast_column("image", datasets.Image())
     for column, values in columns.items():
+        if len(kept_rows) != len(dataset):
+            every_row: list = [None] * len(dataset)
+            for row, value in zip(kept_rows, values):
+                every_row[row] = value
+            values = every_row
         output = output.add_column(column, values, feature=features[column])
-    return output
+    return output.select(kept_rows) if len(kept_rows) != len(dataset) else output
 
 
 def screen(

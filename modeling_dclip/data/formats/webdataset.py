@@ -31,6 +31,7 @@ from .schema import (
     LoadReport,
     arrow_column,
     canonical_features,
+    quote,
     screen,
     with_canonical_columns,
 )
@@ -79,9 +80,10 @@ def load_webdataset(
             has no caption; the message names the shard and the key.
     """
     shards = expand_shards(str(location))
+    missing = [str(shard) for shard in shards if not shard.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{location}: {len(missing)} of {len(shards)} shard(s) not found: {quote(missing)}")
     for shard in shards:
-        if not shard.is_file():
-            raise FileNotFoundError(f"{location}: shard {shard} not found")
         if not tarfile.is_tarfile(shard):
             raise ValueError(f"{location}: shard {shard} is not a tar archive")
     source = str(location)
