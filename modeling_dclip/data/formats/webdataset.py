@@ -18,10 +18,12 @@ import logging
 import os
 import re
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
@@ -107,7 +109,7 @@ def expand_shards(location: str) -> list[Path]:
             raise FileNotFoundError(f"{path}: folder holds no .tar shards")
         return shards
     patterns = _expand_braces(str(path))
-    if any(glob.has_magic(pattern) for pattern in patterns):
+    if any(character in pattern for pattern in patterns for character in "*?["):
         shards = [Path(match) for pattern in patterns for match in sorted(glob.glob(pattern))]
         if not shards:
             raise FileNotFoundError(f"{location}: no file matches")
@@ -170,20 +172,27 @@ def _convert(
         )
     image_column = image_columns[0] if len(image_columns) == 1 else "image" if image_columns else IMAGE_EXTENSIONS[0]
     keys = arrow_column(raw, "__key__").to_pylist()
-    shards = arrow_column(raw, "__url__").to_pylist()
-    texts = arrow_column(raw, "txt").to_pylist()
-    metadata = arrow_column(raw, "json").to_pylist()
-    image_bytes = pc.struct_field(arrow_column(raw, image_column), "bytes")
 
-    def candidates():
-        for index, key in enumerate(keys):
-            problem = _image_problem(image_bytes[index].as_py())
+    def candidates() -> Iterator[Candidate]:
+        # Row by row through the Arrow chunks: nothing but the keys is turned into Python objects up front, and the
+        # .json metadata is parsed only for keys without a .txt caption.
+        rows = zip(
+            _scalars(arrow_column(raw, "__url__")),
+            _scalars(arrow_column(raw, "txt")),
+            _scalars(arrow_column(raw, "json")),
+            _scalars(pc.struct_field(arrow_column(raw, image_column), "bytes")),
+        )
+        for index, (key, (shard, text, metadata, image)) in enumerate(zip(keys, rows)):
+            where = _where(key, shard.as_py())
+            problem = _image_problem(image.as_py())
+            text = text.as_py()
+            parsed = json.loads(metadata.as_py()) if text is None and metadata.is_valid else None
             yield Candidate(
                 index,
                 key,
-                _captions(texts[index], json.loads(metadata[index]) if metadata[index] is not None else None),
-                unreadable=None if problem is None else f"{_where(key, shards[index])} ({problem})",
-                name=_where(key, shards[index]),
+                _captions(text, parsed),
+                unreadable=None if problem is None else f"{where} ({problem})",
+                name=where,
             )
 
     report, kept_rows, kept_captions = screen(candidates(), source, skip_missing, limit)
@@ -224,6 +233,12 @@ def _stream(
 
     stream = raw.filter(usable).map(canonical, remove_columns=list(_RAW_FEATURES)).cast(canonical_features())
     return stream.take(limit) if limit is not None else stream
+
+
+def _scalars(column: pa.ChunkedArray) -> Iterator[pa.Scalar]:
+    """A column's values one by one, chunk by chunk (indexing a ChunkedArray by row costs a search per row)."""
+    for chunk in column.chunks:
+        yield from chunk
 
 
 def _clean(captions: list[str]) -> list[str]:
