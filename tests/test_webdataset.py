@@ -18,6 +18,7 @@ from PIL import Image
 from modeling_dclip.data.formats import load_webdataset
 from modeling_dclip.data.formats.webdataset import expand_shards
 from modeling_dclip.data.spec import DatasetSpec, load_dataset_spec
+from modeling_dclip.training.data import load_split
 
 CANONICAL_COLUMNS = ["image", "captions", "image_id", "split"]
 
@@ -96,6 +97,10 @@ def test_shards_load_whole_into_the_canonical_schema(shards, sample_photos):
         == expand_shards(f"{shards}/*.tar")
         == expand_shards(f"{shards}/{{00000..00001}}.tar")
     )
+    spec = DatasetSpec.parse(f"wds:{shards}/{{00000..00001}}.tar?skip_missing=true&streaming=false")
+    assert DatasetSpec.parse(str(spec)) == spec and spec.options == {"skip_missing": True, "streaming": False}
+    # What the stage trainers read: the rows of one split.
+    assert load_split(str(spec), "train")["image_id"][:] == dataset["image_id"][:]
     limited, report = DatasetSpec.parse(f"wds:{shards}?limit=3").load()
     assert len(limited) == 3 and report.num_images == 3 and report.num_captions == 3
     assert set(limited["split"]) == {"train"}

@@ -20,8 +20,8 @@ csv          table of image paths + captions            CAPTION, TABLE, delimite
 imagefolder  <class>/<image> folder                     split, limit
 hf           Hub id, save_to_disk folder, or a local    CAPTION, TABLE, name, revision,
              .parquet/.json/.jsonl/.csv/.arrow file     label_column
-wds          webdataset tar shards: {00000..00009}.tar,  split, skip_missing, limit, streaming
-             a glob, one .tar, or a folder of .tar
+wds          webdataset .tar shards: a brace pattern    split, skip_missing, limit, streaming
+             ({00000..00009}.tar), glob, or folder
 synthetic    (empty)                                    n (= num_images, default 200), seed, split
 ===========  =========================================  =========================================
 
