@@ -36,7 +36,7 @@ def rss_mb(pid: int) -> float | None:
 
 
 def chunk_count(store: Path) -> int:
-    return len(list((store / "region_boxes").glob("*.chunks/*.safetensors")))
+    return len(list((store / "region_boxes").glob("*/*.safetensors")))
 
 
 def run_split(args: argparse.Namespace, split: str, store: Path) -> dict:
