@@ -17,6 +17,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 
 from modeling_dclip import DCLIPModel, DCLIPProcessor
+from modeling_dclip.feature_store import FeatureStore
 from modeling_dclip.recipes import compress_student, parameter_counts, reduce_vocabulary, unknown_token_rate
 from modeling_dclip.training import TowerDistillConfig, distill_towers
 
@@ -207,7 +208,8 @@ def test_distill_towers_trains_a_compressed_student_on_unpaired_images_and_texts
         num_epochs=1,
         learning_rate=1e-3,
     )
-    distill_towers(config, images, texts)
+    store = FeatureStore(tmp_path / "store")
+    distill_towers(config, images, texts, store=store)
     summary = json.loads((tmp_path / "small" / "training_complete.json").read_text())
     assert summary["stage"] == "distill_towers" and summary["steps"] == 2
     assert set(summary["last_train_terms"]) == {"loss", "image_contrastive_distill", "text_contrastive_distill"}
@@ -222,4 +224,4 @@ def test_distill_towers_trains_a_compressed_student_on_unpaired_images_and_texts
     assert torch.equal(small.state_dict()[stem], embedded_student.state_dict()[stem])
     assert not torch.equal(small.state_dict()[trained], embedded_student.state_dict()[trained])
     with pytest.raises(ValueError, match="need a batch of images"):
-        distill_towers(config, images.select(range(2)), texts)
+        distill_towers(config, images.select(range(2)), texts, store=store)

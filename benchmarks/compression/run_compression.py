@@ -39,7 +39,8 @@ import torch
 from modeling_dclip import DCLIPModel, DCLIPProcessor
 from modeling_dclip.atomic import write_json_atomically, write_text_atomically
 from modeling_dclip.data.spec import load_dataset_spec
-from modeling_dclip.evaluation import caption_pairs, evaluate_model, get_classnames, get_templates
+from modeling_dclip.evaluation import caption_pairs, evaluate_model, get_classnames, get_templates, validator
+from modeling_dclip.feature_store import FeatureStore
 from modeling_dclip.recipes import parameter_counts, unknown_token_rate
 from modeling_dclip.regions import to_rgb
 from modeling_dclip.training import AlignConfig, TowerDistillConfig, align_base, distill_towers
@@ -253,6 +254,8 @@ def main() -> None:
     log(f"flickr8k train {len(train)} / val {len(val)} / test {len(test)}; cifar10 {len(cifar10)}")
 
     size = args.image_size
+    store = FeatureStore(out / "features")  # the locked towers' features and stage 1's targets, by content
+    validate = validator(val, batch_size=64)
     stage2 = {
         "num_epochs": args.stage2_epochs,
         "batch_size": 128,
@@ -278,12 +281,17 @@ def main() -> None:
     run_stage(
         base,
         base_settings,
-        lambda: align_base(AlignConfig(output_dir=str(base), eval_split="", **base_settings), train),
+        lambda: align_base(AlignConfig(output_dir=str(base), eval_split="", **base_settings), train, store=store),
     )
     full = out / "full"
-    # The full student's towers are the base's, locked: it reads the base's cached tower features.
+    # The full student's towers are the base's, locked (their features come from the store); it trains in the base's
+    # work_dir.
     full_settings = {"init_from": str(base), "seed": 0, "work_dir": str(base / "training"), **stage2}
-    run_stage(full, full_settings, lambda: align_base(AlignConfig(output_dir=str(full), **full_settings), train, val))
+    run_stage(
+        full,
+        full_settings,
+        lambda: align_base(AlignConfig(output_dir=str(full), **full_settings), train, validate, store),
+    )
 
     stage1 = out / "stage1"
     stage1_settings = {
@@ -317,13 +325,13 @@ def main() -> None:
     measured: dict[str, dict[str, float]] = {"full": evaluate(full, test, cifar10, evals)}
     for seed in args.seeds:
         folder = out / f"stage2_seed{seed}"
-        # Every seed starts from the same stage-1 towers, locked: their cached features are shared.
+        # Every seed starts from the same stage-1 towers, locked; the seeds train one after another in one work_dir.
         settings = {"init_from": str(stage1), "seed": seed, "work_dir": str(out / "stage2_features"), **stage2}
         run_stage(
             folder,
             settings,
             lambda folder=folder, settings=settings: align_base(
-                AlignConfig(output_dir=str(folder), **settings), train, val
+                AlignConfig(output_dir=str(folder), **settings), train, validate, store
             ),
         )
         compressed[seed] = folder

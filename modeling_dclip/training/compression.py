@@ -17,6 +17,8 @@ from pathlib import Path
 import datasets
 import torch
 
+from ..encoding import tokenize
+from ..feature_store import FeatureStore
 from ..losses import LossRecipe
 from ..modeling_dclip import DCLIPModel
 from ..processing_dclip import DCLIPProcessor
@@ -25,9 +27,8 @@ from .align import set_image_size
 from .batching import PairBatches
 from .checkpointing import save_model_atomically
 from .config import TrainingConfig
-from .data import batched, pixel_values_of, tokenize
+from .data import pixel_values_of
 from .distill import DistillStep
-from .features import Features, cached
 from .freezing import freeze_by_patterns
 from .loop import make_accelerator, train
 
@@ -62,24 +63,6 @@ class TowerDistillConfig(TrainingConfig):
     eval_metric: str = "loss"
 
 
-@torch.no_grad()
-def big_model_embeddings(
-    model: DCLIPModel, processor: DCLIPProcessor, images: datasets.Dataset, texts: list[str], batch_size: int = 64
-) -> Features:
-    """The big model's projected (unnormalised) embeddings: `teacher_image_embeds [n_images, P]` of `images`'
-    `image` column and `teacher_text_embeds [n_texts, P]` of `texts`."""
-    model.eval()
-    image_chunks = [
-        model.get_image_features(pixel_values=pixel_values_of(processor, images, rows)).pooler_output.float()
-        for rows in batched(len(images), batch_size)
-    ]
-    text_chunks = []
-    for rows in batched(len(texts), 4 * batch_size):
-        encoded = tokenize(processor, [texts[row] for row in rows])
-        text_chunks.append(model.get_text_features(**encoded).pooler_output.float())
-    return {"teacher_image_embeds": torch.cat(image_chunks), "teacher_text_embeds": torch.cat(text_chunks)}
-
-
 def text_groups(num_texts: int, num_images: int, seed: int) -> list[list[int]]:
     """Texts dealt to image rows: a seeded permutation of `range(num_texts)` split into `num_images` groups of
     `num_texts // num_images` or one more, so that an epoch over the images also visits every text once."""
@@ -110,7 +93,11 @@ def build_compressed_student(
 
 
 def distill_towers(
-    config: TowerDistillConfig, images: datasets.Dataset, texts: list[str], vocabulary: list[str] | None = None
+    config: TowerDistillConfig,
+    images: datasets.Dataset,
+    texts: list[str],
+    vocabulary: list[str] | None = None,
+    store: FeatureStore | None = None,
 ) -> Path:
     """Build the compressed student and distil each tower from the big model; save it with its processor (and
     reduced tokenizer) to `config.output_dir`.
@@ -120,19 +107,22 @@ def distill_towers(
         images: a dataset with an `image` column (photos from anywhere; no captions needed).
         texts: texts (captions from anywhere; not paired with `images`).
         vocabulary: the corpus whose tokens the reduced vocabulary keeps; defaults to `texts`.
+        store: where the big model's embeddings (the targets) are cached (default `FeatureStore()`).
 
     Returns:
         `config.output_dir`.
     """
     if len(images) < config.batch_size or not texts:
         raise ValueError(f"distill_towers: {len(images)} images and {len(texts)} texts; need a batch of images")
+    store = store if store is not None else FeatureStore()
     accelerator = make_accelerator(config)
     big, student, big_processor, processor = build_compressed_student(config, vocabulary or texts)
     with accelerator.main_process_first():
-        targets = cached(
-            Path(config.work_dir) / "big_model_embeddings.safetensors",
-            lambda: big_model_embeddings(big, big_processor, images, texts, config.eval_batch_size),
-        )
+        # The big model's embeddings (L2-normalised; the InfoNCE terms compare directions only), computed once.
+        targets = {
+            "teacher_image_embeds": store.image_embeddings(big, big_processor, images, config.eval_batch_size),
+            "teacher_text_embeds": store.text_embeddings(big, big_processor, texts),
+        }
     groups = text_groups(len(texts), len(images), config.seed)
 
     def collate(pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
@@ -167,4 +157,4 @@ def distill_towers(
     return Path(config.output_dir)
 
 
-__all__ = ["TowerDistillConfig", "big_model_embeddings", "build_compressed_student", "distill_towers", "text_groups"]
+__all__ = ["TowerDistillConfig", "build_compressed_student", "distill_towers", "text_groups"]
