@@ -1,7 +1,8 @@
 """`accelerate launch trainers/align_base.py --config trainers/configs/align_base.yaml [--<field> VALUE ...]`
 
-Thin entry point: every field of `modeling_dclip.training.AlignConfig` can be set in the YAML file or overridden on the
-command line (values are read as YAML: `--loss_weights '{contrastive: 1}'`, `--freeze_patterns '[text_model.*]'`).
+Thin entry point: every field of `modeling_dclip.training.AlignConfig` can be set in the YAML file or overridden on
+the command line (`--help` describes each); mapping and list fields take YAML (`--loss_weights '{contrastive: 1}'`,
+`--freeze_patterns '[text_model.*]'`). Ctrl-C stops the run and says where it can resume from.
 """
 
 import sys
@@ -10,7 +11,11 @@ from modeling_dclip.training import AlignConfig, align_base, parse_stage_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    align_base(parse_stage_config(AlignConfig, argv))
+    config = parse_stage_config(AlignConfig, argv)
+    try:
+        align_base(config)
+    except KeyboardInterrupt:
+        return 130  # the loop has said where the run can resume from
     return 0
 
 

@@ -4,7 +4,7 @@ other settings and score it on val (which selects) and test (only reported).
     python benchmarks/real_photos/ablations.py student outputs/real_photos/seed0 outputs/real_photos/ablations \\
         '{lr1e-4: {learning_rate: 1.0e-4}, w155: {loss_weights: {contrastive: 1, image_distill: 5, text_distill: 5}}}'
     python benchmarks/real_photos/ablations.py teacher outputs/real_photos/seed0 outputs/real_photos/ablations \\
-        '{ep5: {num_epochs: 5}, grid23: {regions: {type: grid, scales: [2, 3]}}}'
+        '{ep5: {num_train_epochs: 5}, grid23: {regions: {type: grid, scales: [2, 3]}}}'
 
 Each variant is a mapping of stage-config fields laid over the ones the seed ran with (its `results.json`); a student
 variant reuses the seed's base, teacher and cached teacher targets, a teacher variant the seed's base. One JSON line
