@@ -167,7 +167,9 @@ def load_preset(name: str = "default", config_file: str | Path | None = None, **
     precisions = {values.get(stage, {}).get("mixed_precision") for stage in ("align", "teacher", "distill")}
     if len(precisions) > 1:
         # The stages run in this one process, and accelerate keeps one mixed precision per process.
-        raise ValueError(f"align, teacher and distill must share one mixed_precision, got {sorted(map(str, precisions))}")
+        raise ValueError(
+            f"align, teacher and distill must share one mixed_precision, got {sorted(map(str, precisions))}"
+        )
     return RunPreset(**values)
 
 
