@@ -79,7 +79,7 @@ def launch(config_name: str, data: str, output_dir: Path, *overrides: str) -> di
             "0",
             "--learning_rate",
             "1e-3",
-            "--checkpointing_steps",
+            "--save_steps",
             "0",
             *overrides,
         ],
@@ -90,6 +90,11 @@ def launch(config_name: str, data: str, output_dir: Path, *overrides: str) -> di
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((output_dir / "training_complete.json").read_text())
+
+
+def work_dir(output_dir: Path) -> Path:
+    """A stage's default `work_dir`, beside its model folder."""
+    return Path(f"{output_dir}-training")
 
 
 def assert_trained_with(summary: dict, recipe: str) -> None:
@@ -129,7 +134,7 @@ def test_conaclip_distils_from_a_frozen_dual_encoder(tiny_base, scenes_spec, tmp
         base, student, "vision_model."
     )  # the config freezes nothing
     # The teacher is a DCLIPModel folder, so its targets are its own embeddings of each pair's caption (and image).
-    targets = load_file(str(out / "training" / "dual_encoder_targets.safetensors"))
+    targets = load_file(str(work_dir(out) / "dual_encoder_targets.safetensors"))
     table = CaptionTable.from_dataset(load_split(scenes_spec, "train"))
     expected = encode_texts(
         DCLIPModel.from_pretrained(tiny_base), DCLIPProcessor.from_pretrained(tiny_base), table.captions
@@ -145,8 +150,8 @@ def test_dclip_plus_conaclip_distils_from_the_dclip_teacher(tiny_base, tiny_teac
     )
     assert_trained_with(summary, "dclip+conaclip")
     assert {"image_distill", "text_distill", "intra_ts_fd", "inter_ss_sym_kl"} <= set(summary["loss_weights"])
-    assert (out / "training" / "teacher_targets.safetensors").is_file()  # the DCLIP teacher's fused embeddings
-    assert not (out / "training" / "dual_encoder_targets.safetensors").exists()
+    assert (work_dir(out) / "teacher_targets.safetensors").is_file()  # the DCLIP teacher's fused embeddings
+    assert not (work_dir(out) / "dual_encoder_targets.safetensors").exists()
     base, student = load_file(str(tiny_base / "model.safetensors")), load_file(str(out / "model.safetensors"))
     load_plain_student(out)
     frozen = [name for name in base if name.startswith("text_model.")]
@@ -159,7 +164,7 @@ def test_knowledge_clip_trains_against_a_language_model_and_saves_a_plain_studen
     summary = launch("knowledge_clip", scenes_spec, out, "--base_model", str(tiny_base), "--num_concepts", "4")
     assert_trained_with(summary, "knowledge_clip")
     assert {"image_concept", "text_concept"} <= set(summary["last_train_terms"])  # the concept head read both towers
-    targets = load_file(str(out / "training" / "text_teacher_targets.safetensors"))
+    targets = load_file(str(work_dir(out) / "text_teacher_targets.safetensors"))
     n_captions = len(CaptionTable.from_dataset(load_split(scenes_spec, "train")).captions)
     assert targets["teacher_lm_text_embeds"].shape == (
         n_captions,

@@ -511,6 +511,19 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     assert odd["steps"] == 4
 
 
+def test_resume_mid_epoch_with_accumulation_equals_the_uninterrupted_run(tmp_path):
+    # 8 micro-batches of 2 per epoch, 2 per update: the checkpoint of update 1 is 2 micro-batches into epoch 0.
+    settings = dict(batch_size=2, gradient_accumulation_steps=2, max_steps=6, save_steps=1, save_total_limit=0)
+    uninterrupted, _ = _regress(tmp_path / "uninterrupted", **settings)
+    checkpoint = Path(f"{tmp_path / 'uninterrupted'}-training") / "checkpoints" / "checkpoint_0"
+    resumed, summary = _regress(tmp_path / "resumed", **settings, resume_from_checkpoint=str(checkpoint))
+    assert summary["steps"] == 6
+    torch.testing.assert_close(resumed.weight, uninterrupted.weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(resumed.bias, uninterrupted.bias, atol=1e-6, rtol=0)
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint folder"):
+        _regress(tmp_path / "missing", **settings, resume_from_checkpoint=str(tmp_path / "nowhere"))
+
+
 def test_save_total_limit_keeps_the_newest_checkpoints_and_latest_resumes(tmp_path):
     work = tmp_path / "regression"
     _regress(work, batch_size=4, max_steps=5, save_steps=1, save_total_limit=2)

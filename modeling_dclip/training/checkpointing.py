@@ -22,7 +22,7 @@ def save_model_atomically(
     model, processor, output_dir: str | os.PathLike, summary: dict[str, Any] | None = None
 ) -> Path:
     """`save_pretrained` `model` (and `processor`) into `output_dir`, which may already hold other files (such as
-    the `training/` folder): everything is written to a temporary folder first, each file is then renamed into
+    a model card): everything is written to a temporary folder first, each file is then renamed into
     place, and the completion marker (with `summary`) comes last."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
