@@ -168,7 +168,7 @@ def test_one_mixed_precision_per_process(tmp_path):
     make_accelerator(TrainingConfig(output_dir=str(tmp_path / "a"), mixed_precision="no"))
     with pytest.raises(ValueError, match="accelerate keeps one precision per process"):
         make_accelerator(TrainingConfig(output_dir=str(tmp_path / "b"), mixed_precision="bf16"))
-    from modeling_dclip.training.pipeline import load_preset
+    from modeling_dclip.pipeline import load_preset
 
     with pytest.raises(ValueError, match="must share one mixed_precision"):
         load_preset("tiny", distill={"mixed_precision": "bf16"})

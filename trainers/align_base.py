@@ -7,13 +7,12 @@ the command line (`--help` describes each); mapping and list fields take YAML (`
 
 import sys
 
-from modeling_dclip.training import AlignConfig, align_base, parse_stage_config
+from modeling_dclip.commands.train_stage import train_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_stage_config(AlignConfig, argv)
     try:
-        align_base(config)
+        train_stage("align_base", argv)
     except KeyboardInterrupt:
         return 130  # the loop has said where the run can resume from
     return 0
