@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import ACCELERATE, REPO, SUBPROCESS_ENV, cpu_one_thread, tiny_base  # noqa: F401 (fixtures)
+from test_training import ACCELERATE, REPO, cpu_one_thread, subprocess_env, tiny_base  # noqa: F401 (fixtures)
 
 from modeling_dclip import DCLIPModel, DCLIPProcessor
-from modeling_dclip.evaluation.model_eval import encode_texts
+from modeling_dclip.encoding import encode_texts
 from modeling_dclip.losses import resolve_recipe
 from modeling_dclip.recipes import parameter_counts
 from modeling_dclip.training import DistillConfig, TeacherConfig, train_teacher
@@ -83,7 +83,7 @@ def launch(config_name: str, data: str, output_dir: Path, *overrides: str) -> di
             "0",
             *overrides,
         ],
-        env=SUBPROCESS_ENV,
+        env={**subprocess_env(), "DCLIP_FEATURE_STORE": str(feature_store(output_dir))},
         capture_output=True,
         text=True,
         timeout=300,
@@ -92,9 +92,16 @@ def launch(config_name: str, data: str, output_dir: Path, *overrides: str) -> di
     return json.loads((output_dir / "training_complete.json").read_text())
 
 
-def work_dir(output_dir: Path) -> Path:
-    """A stage's default `work_dir`, beside its model folder."""
-    return Path(f"{output_dir}-training")
+def feature_store(output_dir: Path) -> Path:
+    """The feature store of the runs that write beside `output_dir` (one per test)."""
+    return output_dir.parent / "features"
+
+
+def stored(output_dir: Path, kind: str) -> dict[str, torch.Tensor] | None:
+    """The one entry of `kind` in the feature store of `output_dir`'s run, or None when it holds none."""
+    entries = sorted((feature_store(output_dir) / kind).glob("*.safetensors"))
+    assert len(entries) <= 1, entries
+    return load_file(str(entries[0])) if entries else None
 
 
 def assert_trained_with(summary: dict, recipe: str) -> None:
@@ -134,13 +141,12 @@ def test_conaclip_distils_from_a_frozen_dual_encoder(tiny_base, scenes_spec, tmp
         base, student, "vision_model."
     )  # the config freezes nothing
     # The teacher is a DCLIPModel folder, so its targets are its own embeddings of each pair's caption (and image).
-    targets = load_file(str(work_dir(out) / "dual_encoder_targets.safetensors"))
     table = CaptionTable.from_dataset(load_split(scenes_spec, "train"))
     expected = encode_texts(
         DCLIPModel.from_pretrained(tiny_base), DCLIPProcessor.from_pretrained(tiny_base), table.captions
     )
-    torch.testing.assert_close(targets["teacher_text_embeds"], expected, atol=1e-5, rtol=0)
-    assert targets["teacher_image_embeds"].shape == expected.shape
+    torch.testing.assert_close(stored(out, "text_embeddings")["text_embeds"], expected, atol=1e-5, rtol=0)
+    assert stored(out, "teacher_targets") is None
 
 
 def test_dclip_plus_conaclip_distils_from_the_dclip_teacher(tiny_base, tiny_teacher, scenes_spec, tmp_path):
@@ -150,8 +156,8 @@ def test_dclip_plus_conaclip_distils_from_the_dclip_teacher(tiny_base, tiny_teac
     )
     assert_trained_with(summary, "dclip+conaclip")
     assert {"image_distill", "text_distill", "intra_ts_fd", "inter_ss_sym_kl"} <= set(summary["loss_weights"])
-    assert (work_dir(out) / "teacher_targets.safetensors").is_file()  # the DCLIP teacher's fused embeddings
-    assert not (work_dir(out) / "dual_encoder_targets.safetensors").exists()
+    assert stored(out, "teacher_targets") is not None  # the DCLIP teacher's fused embeddings
+    assert stored(out, "text_embeddings") is None  # not a dual encoder's
     base, student = load_file(str(tiny_base / "model.safetensors")), load_file(str(out / "model.safetensors"))
     load_plain_student(out)
     frozen = [name for name in base if name.startswith("text_model.")]
@@ -164,7 +170,7 @@ def test_knowledge_clip_trains_against_a_language_model_and_saves_a_plain_studen
     summary = launch("knowledge_clip", scenes_spec, out, "--base_model", str(tiny_base), "--num_concepts", "4")
     assert_trained_with(summary, "knowledge_clip")
     assert {"image_concept", "text_concept"} <= set(summary["last_train_terms"])  # the concept head read both towers
-    targets = load_file(str(work_dir(out) / "text_teacher_targets.safetensors"))
+    targets = stored(out, "text_teacher_targets")
     n_captions = len(CaptionTable.from_dataset(load_split(scenes_spec, "train")).captions)
     assert targets["teacher_lm_text_embeds"].shape == (
         n_captions,

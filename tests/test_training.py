@@ -78,16 +78,18 @@ def scenes():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cpu_one_thread():
+def cpu_one_thread(tmp_path_factory):
     """The runs in this process train on the CPU (`ACCELERATE_USE_CPU`), as the subprocesses do, with one intra-op
     thread here and there (`OMP_NUM_THREADS=1`): runs in different processes then use the same kernels, so their
     weights compare to 1e-6, and on a loaded 2-core machine OpenMP threads waiting for each other cost seconds.
     Accelerate keeps one device and one precision per process, so every run in this process trains in full precision
-    on the CPU; the other precisions run in processes of their own."""
+    on the CPU; the other precisions run in processes of their own. Features are stored in a folder of the module's
+    own (`DCLIP_FEATURE_STORE`, which the subprocesses inherit), never in the user's cache."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ACCELERATE_USE_CPU", "true")
+        patch.setenv("DCLIP_FEATURE_STORE", str(tmp_path_factory.mktemp("features")))
         yield
     torch.set_num_threads(previous_threads)
 
@@ -257,7 +259,10 @@ def test_lora_adapter_loads_with_peft_and_merges(tiny_base, scenes, tmp_path):
     )
 
 
-SUBPROCESS_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+def subprocess_env() -> dict[str, str]:
+    """The environment of a run in a subprocess: CPU, one thread, this module's feature store."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+
 
 # Run as `python pause_in_step.py MARKER N trainers/<stage>.py ARGS...`: the stage runs unchanged until the forward of
 # its N-th micro-batch, where it touches MARKER and sleeps, so the test can SIGKILL it exactly mid-step.
@@ -324,7 +329,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tiny_base, tmp_path):
         # checkpoint of step 6, so the resumed run skips the first 2 batches of that epoch.
         process = subprocess.Popen(
             [PYTHON, str(wrapper), str(marker), "8", str(REPO / "trainers" / "align_base.py"), *argv],
-            env=SUBPROCESS_ENV,
+            env=subprocess_env(),
             stdout=subprocess.DEVNULL,
             stderr=stderr,
         )
@@ -352,7 +357,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tiny_base, tmp_path):
 def _launch(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """`accelerate launch` one process (the launcher's flags first, then the script and its arguments)."""
     command = [ACCELERATE, "launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no", *args]
-    return subprocess.run(command, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def test_ctrl_c_says_where_the_run_resumes_from(tiny_base, tmp_path):
@@ -362,7 +367,7 @@ def test_ctrl_c_says_where_the_run_resumes_from(tiny_base, tmp_path):
     argv = _align_args(tiny_base, out, "--save_steps", "2")
     process = subprocess.Popen(
         [PYTHON, str(wrapper), str(marker), "4", str(REPO / "trainers" / "align_base.py"), *argv],
-        env=SUBPROCESS_ENV,
+        env=subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -437,7 +442,7 @@ def test_bf16_accumulation_warmup_clipping_and_tensorboard(tiny_base, tmp_path):
     fp16 = subprocess.run(
         [PYTHON, str(REPO / "trainers" / "align_base.py"), *arguments, f"--output_dir={tmp_path / 'fp16'}"]
         + ["--mixed_precision", "fp16"],
-        env=SUBPROCESS_ENV,
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -595,7 +600,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_base, tmp_path)
             str(REPO / "trainers" / "distill_student.py"),
             *_distill_args(tiny_base, double),
         ],
-        env=SUBPROCESS_ENV,
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,
