@@ -525,6 +525,12 @@ def test_resume_mid_epoch_with_accumulation_equals_the_uninterrupted_run(tmp_pat
     assert summary["steps"] == 6
     torch.testing.assert_close(resumed.weight, uninterrupted.weight, atol=1e-6, rtol=0)
     torch.testing.assert_close(resumed.bias, uninterrupted.bias, atol=1e-6, rtol=0)
+    # Resumed from the checkpoint of the last update (killed before the model was saved): nothing more to train.
+    finished, summary = _regress(
+        tmp_path / "finished", **settings, resume_from_checkpoint=str(checkpoint.parent / "checkpoint_5")
+    )
+    assert summary["steps"] == 6
+    torch.testing.assert_close(finished.weight, uninterrupted.weight, atol=0, rtol=0)
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint folder"):
         _regress(tmp_path / "missing", **settings, resume_from_checkpoint=str(tmp_path / "nowhere"))
 

@@ -213,6 +213,8 @@ def train(
     last_checkpoint = resume
     try:
         for epoch in range(progress.step // updates_per_epoch, num_epochs):
+            if progress.step >= total_steps:
+                break  # resumed from the checkpoint of the last update
             model.train()
             loader.set_epoch(epoch)
             # Resuming in the middle of an epoch: skip the micro-batches of the updates already done.
