@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -346,8 +347,6 @@ def load_stage_config(config_class: type[ConfigT], path: str | os.PathLike | Non
 
 def parse_stage_config(config_class: type[ConfigT], argv: Sequence[str] | None = None) -> ConfigT:
     """Parse `--config FILE` and `--<field> VALUE` overrides into `config_class` (`--help` describes each field)."""
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--config")
