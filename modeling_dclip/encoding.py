@@ -77,7 +77,8 @@ def _decode_dataset_image(value: Any, row: int) -> Image.Image:
     return load_image(value, name=f"dataset row {row}")
 
 
-def _undecoded(dataset: datasets.Dataset, image_column: str) -> datasets.Dataset:
+def undecoded(dataset: datasets.Dataset, image_column: str = "image") -> datasets.Dataset:
+    """The image column of `dataset` alone, its `datasets.Image` cells left as `{"bytes", "path"}`."""
     if image_column not in dataset.column_names:
         raise ValueError(f"dataset has no {image_column!r} column; its columns are {dataset.column_names}")
     column = dataset.select_columns([image_column])
@@ -95,7 +96,7 @@ def load_images_at(images: Images, rows: Sequence[int], image_column: str = "ima
     """
     rows = list(rows)
     if isinstance(images, datasets.Dataset):
-        cells = _undecoded(images, image_column)[rows][image_column] if rows else []
+        cells = undecoded(images, image_column)[rows][image_column] if rows else []
         return [_decode_dataset_image(cell, row) for row, cell in zip(rows, cells)]
     return [load_image(images[row], name=f"images[{row}]") for row in rows]
 
@@ -107,7 +108,7 @@ def image_batches(
     check_batch_size(batch_size)
     stop = len(images) if stop is None else min(stop, len(images))
     if isinstance(images, datasets.Dataset):
-        images = _undecoded(images, image_column)
+        images = undecoded(images, image_column)
     for first in range(start, stop, batch_size):
         yield load_images_at(images, range(first, min(first + batch_size, stop)), image_column)
 
@@ -394,4 +395,5 @@ __all__ = [
     "text_token_features",
     "text_tower_features",
     "tokenize",
+    "undecoded",
 ]

@@ -112,9 +112,7 @@ def images_fingerprint(images: encoding.Images, image_column: str = "image") -> 
     hasher = hashlib.blake2b(digest_size=16)
     hasher.update(str(len(images)).encode())
     if isinstance(images, datasets.Dataset):
-        column = images.select_columns([image_column])
-        if isinstance(column.features[image_column], datasets.Image):
-            column = column.cast_column(image_column, datasets.Image(decode=False))
+        column = encoding.undecoded(images, image_column)
         for start in range(0, len(column), 256):
             for cell in column[start : start + 256][image_column]:
                 _cell_digest(cell, hasher)

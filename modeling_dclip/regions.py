@@ -342,7 +342,8 @@ class YoloRegionExtractor(RegionExtractor):
         path = Path(self.weights).expanduser()
         if path.is_file():
             try:
-                return ultralytics.YOLO(str(path))
+                # task="detect": an exported model (.onnx) does not always say what it does.
+                return ultralytics.YOLO(str(path), task="detect")
             except Exception as error:
                 error.add_note(f"while loading the YOLO weights file {path}")
                 raise

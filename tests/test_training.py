@@ -78,18 +78,16 @@ def scenes():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def cpu_one_thread(tmp_path_factory):
+def cpu_one_thread():
     """The runs in this process train on the CPU (`ACCELERATE_USE_CPU`), as the subprocesses do, with one intra-op
     thread here and there (`OMP_NUM_THREADS=1`): runs in different processes then use the same kernels, so their
     weights compare to 1e-6, and on a loaded 2-core machine OpenMP threads waiting for each other cost seconds.
     Accelerate keeps one device and one precision per process, so every run in this process trains in full precision
-    on the CPU; the other precisions run in processes of their own. Features are stored in a folder of the module's
-    own (`DCLIP_FEATURE_STORE`, which the subprocesses inherit), never in the user's cache."""
+    on the CPU; the other precisions run in processes of their own."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ACCELERATE_USE_CPU", "true")
-        patch.setenv("DCLIP_FEATURE_STORE", str(tmp_path_factory.mktemp("features")))
         yield
     torch.set_num_threads(previous_threads)
 
@@ -260,7 +258,8 @@ def test_lora_adapter_loads_with_peft_and_merges(tiny_base, scenes, tmp_path):
 
 
 def subprocess_env() -> dict[str, str]:
-    """The environment of a run in a subprocess: CPU, one thread, this module's feature store."""
+    """The environment of a run in a subprocess, read when it starts (the tests' feature store included): CPU, one
+    thread."""
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
 
 
