@@ -95,7 +95,7 @@ class TrainingConfig:
         0, "`accelerator.save_state` every N optimizer updates into `work_dir/checkpoints`; 0: no checkpoints."
     )
     save_total_limit: int | None = option(
-        2, "Checkpoints kept (accelerate's `total_limit`: the oldest are deleted); 0 or null keeps them all."
+        2, "Checkpoints kept (accelerate's `total_limit`: the oldest are deleted); 0 keeps them all."
     )
     resume_from_checkpoint: str | None = option(
         None,
