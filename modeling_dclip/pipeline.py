@@ -215,6 +215,9 @@ _UNRESULTFUL_FIELDS = (
     "resume_from_checkpoint",
     "report_to",
     "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "eval_batch_size",
 )
 """Config fields that do not decide a stage's result (paths are replaced by the fingerprints of what they hold)."""
 

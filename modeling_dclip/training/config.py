@@ -230,11 +230,6 @@ class DistillConfig(TrainingConfig):
         "`teacher_image_embeds` / `teacher_text_embeds`. Its embeddings must have the student's width. "
         "`null`: none.",
     )
-    use_dataset_boxes: bool = option(
-        False,
-        "Compute the teacher's targets on the dataset's `boxes` (as the teacher was trained with "
-        "`TeacherConfig.use_dataset_boxes`) instead of the teacher processor's region extractor.",
-    )
     loss_weights: dict | str | None = option(
         dict(DCLIP_HYBRID),
         "The recipe (YAML): term name -> weight (default DCLIP's hybrid, 1/1/1), or a registered recipe name "
