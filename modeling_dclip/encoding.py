@@ -120,7 +120,7 @@ def pixel_values(processor, images: Sequence[Image.Image]) -> torch.Tensor:
 
 def tokenize(processor, texts: Sequence[str]) -> dict[str, torch.Tensor]:
     """`input_ids` and `attention_mask` `[n, T]` of `texts` (padded to the longest, truncated to the tower's limit)."""
-    encoded = processor(text=list(texts), return_tensors="pt")
+    encoded = processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 

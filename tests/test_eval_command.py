@@ -130,8 +130,8 @@ def subprocess_runs(saved, tmp_path_factory) -> dict[str, tuple[subprocess.Popen
             "zeroshot",
             "--output-dir",
             str(out / name),
-            "--region-cache",
-            str(out / "regions"),
+            "--feature-store",
+            str(out / "store"),
         ]
         runs[name] = (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out / name)
     yield runs
