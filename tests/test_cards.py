@@ -144,6 +144,7 @@ def build_run(run_dir: Path, photos: dict) -> dict:
             },
             "train_teacher": {"base_model": str(run_dir / "base"), "learning_rate": 5e-4, "temperature": 0.05},
             "distill_student": {
+                "base_model": str(run_dir / "base"),
                 "learning_rate": 1e-6,
                 "loss_weights": {"contrastive": 1.0, "image_distill": 1.0},
                 "teacher_model": str(run_dir / "teacher"),
@@ -217,9 +218,10 @@ def test_dclip_card_metadata_equals_results_json(run_output):
                 expected = results["models"][column].get(metric)
                 assert cell == ("-" if expected is None else f"{expected:.4f}"), (role, metric, column)
 
-        # The run's hyperparameters appear as recorded, without the local folders it used.
-        assert "| distill_student.learning_rate | 1e-06 |" in body
-        assert "| train_teacher.temperature | 0.05 |" in body
+        # The settings of the stages that made this model appear as recorded, without the local folders it used.
+        assert "| align_base.learning_rate | 0.002 |" in body
+        assert ("| distill_student.learning_rate | 1e-06 |" in body) == (role == "student")
+        assert ("| train_teacher.temperature | 0.05 |" in body) == (role == "teacher")
         assert str(run_dir) not in body
 
 
@@ -358,3 +360,93 @@ def test_other_forms_of_the_dataset_entry(run_output, tmp_path, dataset, expecte
     for group, (dataset_id, split) in expected.items():
         assert (by_metric[example[group]].dataset_type, by_metric[example[group]].dataset_split) == (dataset_id, split)
     assert card.data.datasets == ["flickr8k-1k"]
+
+
+def _edit_results(run_dir: Path, change) -> None:
+    results = json.loads((run_dir / "results.json").read_text())
+    change(results)
+    (run_dir / "results.json").write_text(json.dumps(results))
+
+
+def test_a_run_from_a_clip_checkpoint_names_that_checkpoint(run_output, tmp_path):
+    """`init_from` replaces the towers: the card neither names the default towers' Hub ids nor lists them."""
+    run_dir, _ = run_output
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other)
+    _edit_results(other, lambda r: r["config"]["align_base"].update(init_from="openai/clip-vit-base-patch16"))
+    for path in write_model_cards(other):
+        card = ModelCard.load(path)
+        assert card.data.base_model == ["openai/clip-vit-base-patch16"], path
+        body = _split_card(path)[1]
+        assert "| align_base.vision_model |" not in body
+        assert "dclip-embedded/" not in body
+        assert "all-MiniLM" not in str(card.data.to_dict())
+
+
+def test_a_base_started_from_an_unrecorded_local_folder_gets_no_guessed_base_model(run_output, tmp_path):
+    run_dir, _ = run_output
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other)
+    shutil.copytree(run_dir / "student", tmp_path / "clip-base", ignore=shutil.ignore_patterns("README.md"))
+    _edit_results(other, lambda r: r["config"]["align_base"].update(init_from=str(tmp_path / "clip-base")))
+    for path in write_model_cards(other):
+        assert ModelCard.load(path).data.base_model is None, path
+
+
+def _single_stage_outputs(run_dir: Path, root: Path, with_stage_records: bool) -> Path:
+    """The three single-stage trainers' outputs as they write them: model folders with training_complete.json
+    (and, from trainers that record it, stage.json), no results.json."""
+    stages = {"base": "align_base", "teacher": "train_teacher", "student": "distill_student"}
+    configs = {
+        "align_base": {"vision_model": EMBEDDED_VISION, "text_model": EMBEDDED_TEXT, "learning_rate": 0.002},
+        "train_teacher": {"base_model": str(root / "base"), "temperature": 0.05},
+        "distill_student": {"base_model": str(root / "base"), "learning_rate": 1e-6, "data": "synthetic:?n=200"},
+    }
+    for role, stage in stages.items():
+        shutil.copytree(run_dir / role, root / role, ignore=shutil.ignore_patterns("README.md"))
+        (root / role / "training_complete.json").write_text(json.dumps({"stage": stage, "steps": 4}))
+        if with_stage_records:
+            record = {"stage": stage, "config": {**configs[stage], "output_dir": str(root / role)}}
+            (root / role / "stage.json").write_text(json.dumps(record))
+    return root
+
+
+@pytest.mark.parametrize("with_stage_records", [False, True])
+def test_cards_for_single_stage_trainer_outputs(run_output, tmp_path, with_stage_records):
+    run_dir, _ = run_output
+    outputs = _single_stage_outputs(run_dir, tmp_path / "outputs", with_stage_records)
+    assert dclip_main(["card", "--run", str(outputs)]) == 0
+    assert dclip_main(["card", "--run", str(outputs / "student")]) == 0  # one model folder works too
+    for role in ROLES:
+        card = ModelCard.load(outputs / role / "README.md")
+        body = _split_card(outputs / role / "README.md")[1]
+        assert f"dclip-{role}" in card.data.tags
+        assert not card.data.eval_results
+        assert "No evaluation was recorded with this model" in body
+        if with_stage_records:
+            # The student's and the teacher's base_model is traced through the base folder to its towers.
+            assert card.data.base_model == ["sentence-transformers/all-MiniLM-L6-v2"], role
+            assert "| align_base.learning_rate | 0.002 |" in body
+            assert str(outputs) not in body
+        else:
+            assert card.data.base_model is None
+            assert "No training settings were recorded with this model." in body
+    if with_stage_records:
+        student = ModelCard.load(outputs / "student" / "README.md")
+        assert student.data.datasets == ["synthetic-n-200"]
+
+
+def test_card_states_the_detector_and_its_license(run_output, tmp_path):
+    run_dir, _ = run_output
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other)
+    processor_config = json.loads((other / "teacher" / "processor_config.json").read_text())
+    processor_config["region_config"] = {"type": "yolo", "weights": "region_detector/detector.pt"}
+    (other / "teacher" / "processor_config.json").write_text(json.dumps(processor_config))
+    (other / "teacher" / "region_detector").mkdir()
+    (other / "teacher" / "region_detector" / "detector.pt").write_bytes(b"weights")
+    write_model_cards(other)
+    body = _split_card(other / "teacher" / "README.md")[1]
+    assert "Region detector: ultralytics YOLO weights `region_detector/detector.pt` (saved in this repository)" in body
+    assert "AGPL-3.0" in body
+    assert "Region detector" not in _split_card(other / "student" / "README.md")[1]

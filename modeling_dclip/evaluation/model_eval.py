@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import datasets
 import torch
@@ -26,7 +25,7 @@ from datasets import ClassLabel
 from tqdm.auto import tqdm
 
 from ..data.region_cache import RegionSource, add_region_boxes, region_embeddings
-from ..modeling_dclip import DCLIPModel, DCLIPTeacherModel
+from ..modeling_dclip import DCLIPTeacherModel
 from ..regions import to_rgb
 from .compositional import compositional_accuracy, compositional_accuracy_from_embeddings
 from .retrieval import retrieval_metrics, retrieval_metrics_from_embeddings
@@ -464,28 +463,10 @@ def load_model_for_evaluation(name_or_path: str | os.PathLike, device: str | tor
         `FileNotFoundError` for a missing local folder, `ValueError` for a checkpoint that is not a dual encoder
         or cannot be loaded (the message names `name_or_path`).
     """
-    from transformers import AutoConfig, AutoModel, AutoProcessor
+    from ..loading import load_model_and_processor
 
-    from ..processing_dclip import DCLIPProcessor
-
+    model, processor = load_model_and_processor(name_or_path)
     name = os.fspath(name_or_path)
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise FileNotFoundError(f"model {name!r}: not a saved model folder (no config.json in it)")
-        name = str(path)
-    elif _looks_like_a_path(name):
-        raise FileNotFoundError(f"model {name!r}: no such folder")
-    try:
-        config = AutoConfig.from_pretrained(name)
-        if config.model_type == DCLIPTeacherModel.config_class.model_type:
-            model, processor = DCLIPTeacherModel.from_pretrained(name), DCLIPProcessor.from_pretrained(name)
-        elif config.model_type == DCLIPModel.config_class.model_type:
-            model, processor = DCLIPModel.from_pretrained(name), DCLIPProcessor.from_pretrained(name)
-        else:
-            model, processor = AutoModel.from_pretrained(name), AutoProcessor.from_pretrained(name)
-    except OSError as error:
-        raise ValueError(f"model {name!r}: could not be loaded ({error})") from error
     if not is_teacher(model) and not all(
         callable(getattr(model, method, None)) for method in ("get_image_features", "get_text_features")
     ):
