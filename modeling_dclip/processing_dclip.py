@@ -91,7 +91,9 @@ def _decode(source: str | io.BytesIO, label: str, max_pixels: int | None) -> Ima
             f"{label}: refused by PIL's decompression-bomb guard ({error}). If the file is trusted, raise "
             "PIL.Image.MAX_IMAGE_PIXELS before processing it."
         ) from error
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except UnidentifiedImageError as error:
+        raise ValueError(f"{label}: not a readable image (not in an image format PIL reads)") from error
+    except (OSError, SyntaxError) as error:
         raise ValueError(f"{label}: not a readable image (truncated or corrupt file?): {error}") from error
     return _checked_rgb(image, label, max_pixels)
 

@@ -141,6 +141,10 @@ class DemoApp:
         """The session's gallery: the server's default gallery (chosen at start-up) if asked for, plus uploads.
         `uploads` are files gradio received from this client (gradio refuses paths outside its upload folder)."""
         items: list[GalleryItem] = list(self.default_gallery) if include_default else []
+        upload_folder = Path(gr.utils.get_upload_folder()).resolve()
+        for upload in uploads or []:
+            if not Path(upload).resolve().is_relative_to(upload_folder):  # gradio refuses these already
+                raise DemoInputError(f"{Path(upload).name}: not an uploaded file")
         if uploads:
             if len(uploads) > MAX_GALLERY_IMAGES:
                 raise DemoInputError(f"{len(uploads)} files uploaded; at most {MAX_GALLERY_IMAGES}")
