@@ -333,3 +333,36 @@ def test_teacher_results_equal_direct_pairwise_scores(saved, subprocess_runs):
         "zeroshot_top5": (top == labels[:, None]).any(1).double().mean().item(),
     }
     assert_metrics_equal(results["metrics"], expected)
+
+
+def test_an_unwritable_output_fails_before_the_evaluation(saved, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    output = blocker / "results.json"
+    error = run_failing(capsys, "--model", str(saved["student"]), "--dataset", SCENES, "--output", str(output))
+    assert f"cannot write the results to {output}" in error
+    assert "Loading weights" not in error  # nothing was loaded: the check comes first
+    error = run_failing(capsys, "--model", str(saved["student"]), "--dataset", SCENES, "--output", str(tmp_path))
+    assert f"cannot write the results to {tmp_path}: it is a folder" in error
+
+
+def test_a_failed_write_keeps_the_printed_metrics_and_leaves_no_temporary_file(saved, tmp_path):
+    """The disk fills up after the evaluation: a real write failure (RLIMIT_FSIZE: `File too large`), not a mock."""
+    import resource
+
+    def small_files_only() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (600, 600))  # the check's empty file fits, results.json does not
+
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_dclip.cli", "eval", "--model", str(saved["student"]), "--dataset", SCENES]
+        + ["--output", str(out / "results.json")],
+        preexec_fn=small_files_only,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "text_to_image_R@1" in result.stdout  # the metrics were printed before the write was tried
+    assert f"the metrics above could not be written to {out / 'results.json'}: File too large" in result.stderr
+    assert list(out.iterdir()) == []  # no results.json, no temporary file
