@@ -184,9 +184,16 @@ def _free_port() -> int:
 
 
 def port_is_free(port: int) -> bool:
+    """Nothing listens on `port` and a new server can bind it (with SO_REUSEADDR, as servers do: the closed
+    connections of the test clients may linger in TIME_WAIT)."""
+    with socket.socket() as client:
+        if client.connect_ex(("127.0.0.1", port)) == 0:
+            return False
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
+            probe.listen()
         except OSError:
             return False
     return True

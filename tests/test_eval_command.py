@@ -133,7 +133,11 @@ def subprocess_runs(saved, tmp_path_factory) -> dict[str, tuple[subprocess.Popen
             "--region-cache",
             str(out / "regions"),
         ]
-        runs[name] = (subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), out / name)
+        # Outside the repository, so that `-m` imports the installed package, not the source tree.
+        runs[name] = (
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=out),
+            out / name,
+        )
     yield runs
     for process, _ in runs.values():
         if process.poll() is None:
@@ -358,6 +362,7 @@ def test_a_failed_write_keeps_the_printed_metrics_and_leaves_no_temporary_file(s
         [sys.executable, "-m", "modeling_dclip.cli", "eval", "--model", str(saved["student"]), "--dataset", SCENES]
         + ["--output", str(out / "results.json")],
         preexec_fn=small_files_only,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
