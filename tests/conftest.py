@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -22,15 +23,15 @@ SHARED_DATA = SHARED / "data"
 
 
 def _installed_package_file() -> Path | None:
-    """Where a regular (not editable) install of the `dclip` distribution put `modeling_dclip/__init__.py`."""
-    try:
-        distribution = importlib.metadata.distribution("dclip")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    direct_url = json.loads(distribution.read_text("direct_url.json") or "{}")
-    if direct_url.get("dir_info", {}).get("editable"):
-        return None
-    return Path(distribution.locate_file("modeling_dclip/__init__.py")).resolve()
+    """Where a regular (not editable) install of the `dclip` distribution into this environment's site-packages put
+    `modeling_dclip/__init__.py` (a `dclip.egg-info` of a source tree on sys.path does not count)."""
+    for site_packages in site.getsitepackages():
+        for distribution in importlib.metadata.distributions(name="dclip", path=[site_packages]):
+            direct_url = json.loads(distribution.read_text("direct_url.json") or "{}")
+            if direct_url.get("dir_info", {}).get("editable"):
+                return None
+            return Path(distribution.locate_file("modeling_dclip/__init__.py")).resolve()
+    return None
 
 
 def pytest_report_header(config) -> str:
