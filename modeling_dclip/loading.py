@@ -1,6 +1,7 @@
 """
-Loading a saved model and its processor for inference (`dclip eval`, the demo): safetensors weights only, never a
-prompt, and every failure named by the folder or Hub id it came from.
+Loading a saved model and its processor by folder or Hub id (`dclip eval`, the demo, the training stages): a DCLIP
+student or teacher, any dual encoder transformers knows, or a CLIP checkpoint as a `DCLIPModel`; safetensors weights
+only, never a prompt, and every failure named by the folder or Hub id it came from.
 
 - The model's kind comes from its `config.json`: a DCLIP student or teacher loads with this package's classes (no
   remote code is run), any other `model_type` transformers knows loads through the Auto classes with
@@ -15,8 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import torch
 
 SAFETENSORS_WEIGHTS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -117,66 +122,115 @@ def check_local_weights(folder: Path) -> None:
             ) from error
 
 
-def load_model_and_processor(name_or_path: str | os.PathLike, **hub_kwargs: Any):
-    """
-    A saved model and its processor: a DCLIP student (`DCLIPModel`) or teacher (`DCLIPTeacherModel`) with a
-    `DCLIPProcessor`, or any model whose `model_type` transformers knows, through `AutoModel` / `AutoProcessor`.
-
-    Args:
-        name_or_path: a local folder (config, safetensors weights, processor files) or a Hub id.
-        hub_kwargs: `cache_dir`, `revision`, `token`, `local_files_only`, ... passed to `from_pretrained`.
-
-    Returns:
-        `(model, processor)`; the model is on the CPU, in eval mode.
-
-    Raises:
-        `FileNotFoundError` for a missing local folder or `config.json`; `ModelLoadError` (a `ValueError`) naming
-        `name_or_path` for anything else: bad or pickle-only weights, an unknown `model_type`, a failed load.
-    """
-    from safetensors import SafetensorError
-    from transformers import AutoModel, AutoProcessor
+def _checked_source(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """`(name, config dict)` of a model source whose `model_type` is known and whose local weights are sound."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from .modeling_dclip import DCLIPModel, DCLIPTeacherModel
-    from .processing_dclip import DCLIPProcessor
 
     unknown = sorted(set(hub_kwargs) - set(_HUB_KWARGS))
     if unknown:
-        raise TypeError(f"load_model_and_processor: unexpected arguments {unknown}; accepted: {list(_HUB_KWARGS)}")
+        raise TypeError(f"unexpected loading arguments {unknown}; accepted: {list(_HUB_KWARGS)}")
     name, folder = resolve_model_source(name_or_path)
     config = read_model_config(name, folder, **hub_kwargs)
     model_type = config.get("model_type")
-    dclip_classes = {
-        DCLIPModel.config_class.model_type: DCLIPModel,
-        DCLIPTeacherModel.config_class.model_type: DCLIPTeacherModel,
-    }
-    if model_type not in dclip_classes and model_type not in CONFIG_MAPPING:
+    dclip_types = (DCLIPModel.config_class.model_type, DCLIPTeacherModel.config_class.model_type)
+    if model_type not in dclip_types and model_type not in CONFIG_MAPPING:
         raise ModelLoadError(
             f"model {name!r}: config.json has model_type {model_type!r}, which neither DCLIP "
-            f"({', '.join(sorted(dclip_classes))}) nor this transformers version knows; no remote code is run to "
-            "find out. Fix the model_type, or upgrade transformers if it is a newer architecture."
+            f"({', '.join(dclip_types)}) nor this transformers version knows; no remote code is run to find out. Fix "
+            "the model_type, or upgrade transformers if it is a newer architecture."
         )
     if folder is not None:
         check_local_weights(folder)
+    return name, config
+
+
+@contextmanager
+def _named_load_errors(name: str) -> Iterator[None]:
+    """Turn the errors of `from_pretrained` into `ModelLoadError`s naming `name`."""
+    from safetensors import SafetensorError
+
     try:
-        if model_type in dclip_classes:
-            model = dclip_classes[model_type].from_pretrained(name, use_safetensors=True, **hub_kwargs)
-            processor = DCLIPProcessor.from_pretrained(name, **hub_kwargs)
-        else:
-            model = AutoModel.from_pretrained(name, use_safetensors=True, trust_remote_code=False, **hub_kwargs)
-            processor = AutoProcessor.from_pretrained(name, trust_remote_code=False, **hub_kwargs)
+        yield
     except SafetensorError as error:
         raise ModelLoadError(
             f"model {name!r}: a weight file is truncated or not a safetensors file ({error})"
         ) from error
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (OSError, KeyError, RuntimeError) as error:
         raise ModelLoadError(f"model {name!r}: could not be loaded ({type(error).__name__}: {error})") from error
-    return model.eval(), processor
+
+
+def load_model_and_processor(
+    name_or_path: str | os.PathLike, device: str | torch.device | None = None, **hub_kwargs: Any
+):
+    """
+    A saved model and its processor, ready to use: a DCLIP student (`DCLIPModel`) or teacher (`DCLIPTeacherModel`)
+    with a `DCLIPProcessor`, or any dual encoder whose `model_type` transformers knows (a `CLIPModel` checkpoint),
+    through `AutoModel` / `AutoProcessor` without remote code.
+
+    Args:
+        name_or_path: a local folder (config, safetensors weights, processor files) or a Hub id.
+        device: where to put the model; default the first CUDA device when there is one, else the CPU.
+        hub_kwargs: `cache_dir`, `revision`, `token`, `local_files_only`, ... passed to `from_pretrained`.
+
+    Returns:
+        `(model, processor)`, the model in eval mode.
+
+    Raises:
+        `FileNotFoundError` for a missing local folder or `config.json`; `ModelLoadError` (a `ValueError`) naming
+        `name_or_path` for bad or pickle-only weights, an unknown `model_type`, or a failed load; `ValueError` for a
+        model that is neither a dual encoder (`get_image_features` / `get_text_features`) nor a DCLIP teacher.
+    """
+    from transformers import AutoModel, AutoProcessor
+
+    from .modeling_dclip import DCLIPModel, DCLIPTeacherModel
+    from .processing_dclip import DCLIPProcessor
+
+    name, config = _checked_source(name_or_path, hub_kwargs)
+    dclip_classes = {cls.config_class.model_type: cls for cls in (DCLIPModel, DCLIPTeacherModel)}
+    with _named_load_errors(name):
+        if config.get("model_type") in dclip_classes:
+            model = dclip_classes[config["model_type"]].from_pretrained(name, use_safetensors=True, **hub_kwargs)
+            processor = DCLIPProcessor.from_pretrained(name, **hub_kwargs)
+        else:
+            model = AutoModel.from_pretrained(name, use_safetensors=True, trust_remote_code=False, **hub_kwargs)
+            processor = AutoProcessor.from_pretrained(name, trust_remote_code=False, **hub_kwargs)
+    if not isinstance(model, DCLIPTeacherModel) and not all(
+        callable(getattr(model, method, None)) for method in ("get_image_features", "get_text_features")
+    ):
+        raise ValueError(
+            f"model {name!r} is a {type(model).__name__}, not a dual encoder (it has no get_image_features / "
+            "get_text_features) nor a DCLIP teacher"
+        )
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), processor
+
+
+def load_dual_encoder(name_or_path: str | os.PathLike, **hub_kwargs: Any):
+    """A `DCLIPModel` and its processor from a saved `DCLIPModel` or a `CLIPModel` checkpoint (a Hub id such as
+    `openai/clip-vit-base-patch16`, or a folder), the CLIP converted unchanged (`DCLIPModel.from_clip`: the same
+    embeddings), with the checkpoint's own image processor and tokenizer. Same checks as
+    [`load_model_and_processor`]."""
+    from .modeling_dclip import DCLIPModel
+    from .processing_dclip import DCLIPProcessor
+
+    name, config = _checked_source(name_or_path, hub_kwargs)
+    with _named_load_errors(name):
+        if config.get("model_type") == "clip":
+            model = DCLIPModel.from_clip(name, use_safetensors=True, **hub_kwargs)
+            return model, DCLIPProcessor.from_vision_text_pretrained(name, name, **hub_kwargs)
+        return (
+            DCLIPModel.from_pretrained(name, use_safetensors=True, **hub_kwargs),
+            DCLIPProcessor.from_pretrained(name, **hub_kwargs),
+        )
 
 
 __all__ = [
     "ModelLoadError",
     "check_local_weights",
+    "load_dual_encoder",
     "load_model_and_processor",
     "read_model_config",
     "resolve_model_source",

@@ -80,29 +80,6 @@ def load_image(image: ImageInput, name: str | None = None, max_pixels: int | Non
     return _checked_rgb(image, _describe(name, getattr(image, "filename", None) or None), max_pixels)
 
 
-def load_dataset_images(
-    dataset: Any, indices: Sequence[int], column: str = "image", source: str = "dataset"
-) -> list[Image.Image]:
-    """
-    The images of rows `indices` of a `datasets.Dataset`, each read by [`load_image`], so that a bad file is named
-    by its path (or `source[row]`) instead of failing inside `datasets`' decoding.
-
-    Args:
-        dataset: a `datasets.Dataset` whose `column` is an `Image` feature (decoded or not) or holds paths.
-        indices: the rows to read.
-        column: the image column.
-        source: how to name a row in errors that have no file path (`source[row]`).
-
-    Returns:
-        `len(indices)` upright RGB PIL images.
-    """
-    feature = dataset.features[column]
-    if getattr(feature, "decode", False):  # read the stored path/bytes, and decode here rather than in datasets
-        dataset = dataset.cast_column(column, type(feature)(decode=False))
-    values = dataset.select(list(indices))[column]
-    return [load_image(value, name=f"{source}[{row}]") for row, value in zip(indices, values)]
-
-
 def _decode(source: str | io.BytesIO, label: str, max_pixels: int | None) -> Image.Image:
     try:
         with Image.open(source) as opened:
@@ -414,4 +391,4 @@ class DCLIPProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
 
-__all__ = ["DCLIPProcessor", "load_dataset_images", "load_image", "text_position_limit"]
+__all__ = ["DCLIPProcessor", "load_image", "text_position_limit"]

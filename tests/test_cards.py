@@ -134,20 +134,29 @@ def build_run(run_dir: Path, photos: dict) -> dict:
         },
         # As `dclip run` writes them: one dataset spec, and each stage's config.
         "dataset": {"spec": "../data/skimage-photos", "splits": {"train": 32, "test": 4}, "evaluated_on": "test"},
-        "config": {
-            "preset": {"seed": 0, "image_size": 30, "regions": {"type": "grid", "scales": [2]}},
-            "align_base": {
-                "vision_model": EMBEDDED_VISION,
-                "text_model": EMBEDDED_TEXT,
-                "learning_rate": 2e-3,
-                "output_dir": str(run_dir / "base"),
+        # As `dclip run` writes them: the preset, and each model's stage record (its stage.json's inputs: the
+        # resolved config without local paths, and the fingerprints of what the stage read).
+        "preset": {"seed": 0, "image_size": 30, "regions": {"type": "grid", "scales": [2]}},
+        "stages": {
+            "base": {
+                "fingerprint": "f0",
+                "config": {"vision_model": EMBEDDED_VISION, "text_model": EMBEDDED_TEXT, "learning_rate": 2e-3},
+                "towers": {"vision_model": "d1", "text_model": "d2"},
+                "data": {"rows": 32},
             },
-            "train_teacher": {"base_model": str(run_dir / "base"), "learning_rate": 5e-4, "temperature": 0.05},
-            "distill_student": {
-                "base_model": str(run_dir / "base"),
-                "learning_rate": 1e-6,
-                "loss_weights": {"contrastive": 1.0, "image_distill": 1.0},
-                "teacher_model": str(run_dir / "teacher"),
+            "teacher": {
+                "fingerprint": "f1",
+                "config": {"learning_rate": 5e-4, "temperature": 0.05},
+                "base": "f0",
+                "data": {"rows": 32},
+                "regions": {"type": "grid", "scales": [2]},
+            },
+            "student": {
+                "fingerprint": "f2",
+                "config": {"learning_rate": 1e-6, "loss_weights": {"contrastive": 1.0, "image_distill": 1.0}},
+                "base": "f0",
+                "teacher": "f1",
+                "data": {"rows": 32},
             },
         },
         "versions": {"dclip": "0.1.0", "torch": torch.__version__},
@@ -368,12 +377,28 @@ def _edit_results(run_dir: Path, change) -> None:
     (run_dir / "results.json").write_text(json.dumps(results))
 
 
-def test_a_run_from_a_clip_checkpoint_names_that_checkpoint(run_output, tmp_path):
-    """`init_from` replaces the towers: the card neither names the default towers' Hub ids nor lists them."""
+@pytest.mark.parametrize(
+    "base_record",
+    [
+        # `dclip run --base-model openai/clip-vit-base-patch16`: the CLIP imported unchanged as the base.
+        {
+            "fingerprint": "f0",
+            "base_model": "openai/clip-vit-base-patch16",
+            "content": "hub:openai/clip-vit-base-patch16",
+        },
+        # align_base started from the CLIP (init_from): the default tower names in its config are not used.
+        {
+            "fingerprint": "f0",
+            "config": {"vision_model": EMBEDDED_VISION, "text_model": EMBEDDED_TEXT, "projection_dim": 256},
+            "towers": {"init_from": "hub:openai/clip-vit-base-patch16"},
+        },
+    ],
+)
+def test_a_run_from_a_clip_checkpoint_names_that_checkpoint(run_output, tmp_path, base_record):
     run_dir, _ = run_output
     other = tmp_path / "run"
     shutil.copytree(run_dir, other)
-    _edit_results(other, lambda r: r["config"]["align_base"].update(init_from="openai/clip-vit-base-patch16"))
+    _edit_results(other, lambda r: r["stages"].update(base=base_record))
     for path in write_model_cards(other):
         card = ModelCard.load(path)
         assert card.data.base_model == ["openai/clip-vit-base-patch16"], path
@@ -387,26 +412,26 @@ def test_a_base_started_from_an_unrecorded_local_folder_gets_no_guessed_base_mod
     run_dir, _ = run_output
     other = tmp_path / "run"
     shutil.copytree(run_dir, other)
-    shutil.copytree(run_dir / "student", tmp_path / "clip-base", ignore=shutil.ignore_patterns("README.md"))
-    _edit_results(other, lambda r: r["config"]["align_base"].update(init_from=str(tmp_path / "clip-base")))
+    record = {"fingerprint": "f0", "config": {"learning_rate": 2e-3}, "towers": {"init_from": "0123abcd"}}
+    _edit_results(other, lambda r: r["stages"].update(base=record))
     for path in write_model_cards(other):
         assert ModelCard.load(path).data.base_model is None, path
 
 
 def _single_stage_outputs(run_dir: Path, root: Path, with_stage_records: bool) -> Path:
-    """The three single-stage trainers' outputs as they write them: model folders with training_complete.json
-    (and, from trainers that record it, stage.json), no results.json."""
+    """Model folders without a results.json: as the three single-stage trainers write them (training_complete.json
+    naming the stage), or as `dclip run` leaves them before its evaluation (each with its stage.json)."""
     stages = {"base": "align_base", "teacher": "train_teacher", "student": "distill_student"}
     configs = {
         "align_base": {"vision_model": EMBEDDED_VISION, "text_model": EMBEDDED_TEXT, "learning_rate": 0.002},
-        "train_teacher": {"base_model": str(root / "base"), "temperature": 0.05},
-        "distill_student": {"base_model": str(root / "base"), "learning_rate": 1e-6, "data": "synthetic:?n=200"},
+        "train_teacher": {"temperature": 0.05},
+        "distill_student": {"learning_rate": 1e-6},
     }
     for role, stage in stages.items():
         shutil.copytree(run_dir / role, root / role, ignore=shutil.ignore_patterns("README.md"))
         (root / role / "training_complete.json").write_text(json.dumps({"stage": stage, "steps": 4}))
         if with_stage_records:
-            record = {"stage": stage, "config": {**configs[stage], "output_dir": str(root / role)}}
+            record = {"stage": stage, "fingerprint": "f", "inputs": {"config": configs[stage], "data": {"rows": 8}}}
             (root / role / "stage.json").write_text(json.dumps(record))
     return root
 
@@ -431,9 +456,6 @@ def test_cards_for_single_stage_trainer_outputs(run_output, tmp_path, with_stage
         else:
             assert card.data.base_model is None
             assert "No training settings were recorded with this model." in body
-    if with_stage_records:
-        student = ModelCard.load(outputs / "student" / "README.md")
-        assert student.data.datasets == ["synthetic-n-200"]
 
 
 def test_card_states_the_detector_and_its_license(run_output, tmp_path):

@@ -13,7 +13,7 @@ import torch
 from transformers import BertConfig, BertModel, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
 
 from modeling_dclip import EMBEDDED_TEXT, DCLIPConfig, DCLIPModel, DCLIPProcessor, DCLIPTeacherModel
-from modeling_dclip.loading import ModelLoadError, load_model_and_processor
+from modeling_dclip.loading import ModelLoadError, load_dual_encoder, load_model_and_processor
 from modeling_dclip.towers import load_tokenizer
 
 TOWER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
@@ -61,12 +61,13 @@ def test_truncated_safetensors_name_the_folder(copy, keep):
     assert "model.safetensors is truncated or not a safetensors file" in str(error.value)
 
 
-def test_pickle_only_weights_are_refused_with_the_way_to_convert(copy, student_folder):
+@pytest.mark.parametrize("load", [load_model_and_processor, load_dual_encoder])
+def test_pickle_only_weights_are_refused_with_the_way_to_convert(copy, student_folder, load):
     model = DCLIPModel.from_pretrained(student_folder)
     (copy / "model.safetensors").unlink()
     torch.save(model.state_dict(), copy / "pytorch_model.bin")
     with pytest.raises(ModelLoadError) as error:
-        load_model_and_processor(copy)
+        load(copy)
     message = str(error.value)
     assert f"pickle file {copy / 'pytorch_model.bin'}" in message and "only safetensors" in message
     assert "save_pretrained" in message and "use_safetensors=False" in message
@@ -93,7 +94,7 @@ def test_unknown_model_type_is_an_error_naming_it_without_a_prompt(copy, tmp_pat
 
 def test_other_architectures_load_through_auto_classes_without_remote_code(tmp_path):
     BertModel(BertConfig(**TOWER, vocab_size=99)).save_pretrained(tmp_path / "bert")
-    model, _ = load_model_and_processor(tmp_path / "bert")
-    assert isinstance(model, BertModel)
+    with pytest.raises(ValueError, match="is a BertModel, not a dual encoder"):  # loaded, then refused
+        load_model_and_processor(tmp_path / "bert")
     with pytest.raises(FileNotFoundError, match="no such folder"):
         load_model_and_processor(tmp_path / "missing")

@@ -230,20 +230,3 @@ def test_from_vision_text_pretrained_records_the_text_towers_positions(embedded_
     processor = DCLIPProcessor.from_vision_text_pretrained(str(tmp_path / "clip"), str(tmp_path / "clip"))
     assert processor.text_position_limit == tiny_clip.config.text_config.max_position_embeddings == 32
     assert processor(text=["a cat sitting on a mat " * 40])["input_ids"].shape[1] == 32
-
-
-def test_dataset_images_are_read_by_the_loader_and_named(photo, tmp_path):
-    import datasets
-
-    from modeling_dclip.processing_dclip import load_dataset_images
-
-    good, truncated = tmp_path / "good.jpg", tmp_path / "cut.jpg"
-    photo.save(good)
-    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 3])
-    table = datasets.Dataset.from_dict({"image": [str(good), str(truncated)]}).cast_column("image", datasets.Image())
-    with pytest.raises(OSError) as bare:
-        table[1]["image"]  # the negative control: datasets' own decoding fails without naming the file
-    assert "cut.jpg" not in str(bare.value)
-    assert load_dataset_images(table, [0])[0].size == photo.size
-    with pytest.raises(ValueError, match=r"flickr\[1\] \(.*cut\.jpg\): not a readable image"):
-        load_dataset_images(table, [0, 1], source="flickr")

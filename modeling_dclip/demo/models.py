@@ -103,10 +103,10 @@ class DemoModels:
         if choice.student is None:
             student, processor = _embedded_default_student()
         else:
-            student, processor = load_model_and_processor(choice.student)
+            student, processor = load_model_and_processor(choice.student, device="cpu")
         teacher = teacher_processor = None
         if choice.teacher is not None:
-            teacher, teacher_processor = load_model_and_processor(choice.teacher)
+            teacher, teacher_processor = load_model_and_processor(choice.teacher, device="cpu")
             if teacher.config.model_type != "dclip_teacher":
                 raise ValueError(f"{choice.teacher}: a {teacher.config.model_type} model, not a DCLIP teacher")
         description = f"Student from the {choice.origin}." + (

@@ -4,19 +4,20 @@ Model cards written from a training run's own records: what it measured, what it
 Where the facts come from:
 
 - `results.json` of a `dclip run` output (`OUT/results.json` beside `OUT/{base,teacher,student}/`): the measured
-  metrics (`{"models": {role: {metric: value}}}`), the data they were measured on (`"dataset"`), each stage's config
-  (`"config"`) and the package versions (`"versions"`). Every metric becomes one `EvalResult` of the card's
-  `model-index`, with the exact value from the file.
-- each model folder's own records: `stage.json` (the stage's resolved config, when the trainer wrote one), else
-  `training_complete.json` (which stage saved the folder; its config is then read from the run's `results.json`),
-  and `config.json` (the towers the model really has).
+  metrics (`{"models": {role: {metric: value}}}`), the data they were measured on (`"dataset"`), each model's stage
+  record (`"stages"`), the run's `"preset"` and the package versions (`"versions"`). Every metric becomes one
+  `EvalResult` of the card's `model-index`, with the exact value from the file.
+- each model folder's own records: `stage.json` (what `dclip run` writes beside each model: the stage's name and
+  inputs, `{"config": resolved config without local paths, "towers" / "base_model": what it started from, ...}`),
+  else `training_complete.json` (the stage's name only, as the single-stage trainers write it), and `config.json`
+  (the towers the model really has).
 
-`base_model` is the Hub id the model descends from, followed through the stage configs: `align_base` starts from
-`init_from` or from its two towers (the embedded MiniLM text tower is `sentence-transformers/all-MiniLM-L6-v2`; the
-embedded EfficientNet-Lite0 weights have no Hub repository), the teacher and the student from their `base_model`
-folder. Local folders are followed into their own records; what cannot be traced to a Hub id is left out rather than
-guessed. The settings table shows the configs of those same stages, without local paths and without tower names a
-stage did not use.
+`base_model` is the Hub id the model descends from: the CLIP checkpoint a run imported as its base (`base_model`
+stage), the model `align_base` started from (`init_from`, when it is a Hub id), or its two towers (the embedded
+MiniLM text tower is `sentence-transformers/all-MiniLM-L6-v2`; the embedded EfficientNet-Lite0 weights have no Hub
+repository); the teacher and the student descend from the run's base. What cannot be traced to a Hub id (a local
+folder) is left out rather than guessed. The settings table shows the configs of those same stages, without tower
+names a stage did not use.
 
 `dclip card --run PATH` takes a `dclip run` output, a folder of model folders (`outputs/` of the single-stage
 trainers) or one model folder; without a `results.json` the card says that nothing was measured.
@@ -186,7 +187,8 @@ class RunResults:
     path: Path
     models: dict[str, dict[str, float]]
     datasets: dict[str, DatasetRef]
-    config: dict[str, Any]
+    stages: dict[str, dict[str, Any]]  # per role, the inputs of the stage that made it (as in its stage.json)
+    preset: dict[str, Any]
     versions: dict[str, Any]
 
     @classmethod
@@ -212,14 +214,15 @@ class RunResults:
             }
         if "dataset" not in raw:
             raise ValueError(f"{path}: missing 'dataset' (what the metrics were measured on)")
-        for key in ("config", "versions"):
+        for key in ("stages", "preset", "versions"):
             if not isinstance(raw.get(key, {}), dict):
                 raise ValueError(f"{path}: '{key}' must be an object")
         return cls(
             path=path,
             models=models,
             datasets=_parse_datasets(raw["dataset"], f"{path}: dataset"),
-            config=raw.get("config", {}),
+            stages=raw.get("stages", {}),
+            preset=raw.get("preset", {}),
             versions=raw.get("versions", {}),
         )
 
@@ -318,9 +321,9 @@ class ModelRecord:
 
     folder: Path
     config: dict[str, Any]  # config.json
-    stage: str | None  # align_base, train_teacher, distill_student (None when unrecorded)
-    stage_config: dict[str, Any] | None  # the stage's resolved config
-    source: str  # where `stage_config` was read
+    stage: str | None  # base_model, align_base, train_teacher, distill_student (None when unrecorded)
+    inputs: dict[str, Any] | None  # the stage's inputs, as its stage.json records them (None when unrecorded)
+    source: str  # the file `inputs` was read from
 
     @property
     def role(self) -> str:
@@ -329,6 +332,15 @@ class ModelRecord:
         if self.stage in _ROLE_OF_STAGE:
             return _ROLE_OF_STAGE[self.stage]
         return self.folder.name if self.folder.name in MODEL_ROLES else "student"
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The stage's resolved config (without local paths, as the stage record keeps it)."""
+        return dict((self.inputs or {}).get("config") or {})
+
+    @property
+    def towers(self) -> dict[str, Any]:
+        return dict((self.inputs or {}).get("towers") or {})
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -344,55 +356,61 @@ def _read_record(path: Path) -> dict[str, Any] | None:
 
 
 def model_record(folder: str | os.PathLike, run: RunResults | None = None) -> ModelRecord:
-    """Read a model folder's records: `config.json`, then `stage.json`, else `training_complete.json` with the
-    stage's config from the run's `results.json`."""
+    """Read a model folder's records: `config.json`; `stage.json` (what `dclip run` writes beside each model),
+    else the same record in the run's `results.json` (`stages`), else `training_complete.json` (the stage's name
+    only, as the single-stage trainers write it)."""
     folder = Path(folder)
     config = _model_config(folder)
-    stage_record = _read_record(folder / STAGE_RECORD)
-    if stage_record is not None:
-        stage_config = stage_record.get("config") or stage_record.get("resolved_config")
-        stage = stage_record.get("stage")
-        return ModelRecord(folder, config, stage, dict(stage_config) if stage_config else None, STAGE_RECORD)
+    record = _read_record(folder / STAGE_RECORD)
+    if record is not None:
+        return ModelRecord(folder, config, record.get("stage"), dict(record.get("inputs") or {}), STAGE_RECORD)
     complete = _read_record(folder / COMPLETE_RECORD) or {}
-    stage = complete.get("stage") or (_STAGE_OF_ROLE.get(folder.name) if run is not None else None)
-    if run is not None and isinstance(run.config.get(stage), Mapping):
-        return ModelRecord(folder, config, stage, dict(run.config[stage]), RESULTS_FILE)
+    stage = complete.get("stage")
+    if run is not None and isinstance(run.stages.get(folder.name), Mapping):
+        inputs = dict(run.stages[folder.name])
+        if stage is None:  # an imported base records its source; a trained one its config
+            stage = "base_model" if "base_model" in inputs else _STAGE_OF_ROLE.get(folder.name)
+        return ModelRecord(folder, config, stage, inputs, RESULTS_FILE)
     return ModelRecord(folder, config, stage, None, "")
 
 
+def _parent_folder(record: ModelRecord, run: RunResults | None) -> Path | None:
+    """The model folder a teacher or student was built on: the base of the same run output."""
+    if record.stage not in ("train_teacher", "distill_student"):
+        return None
+    base = record.folder.parent / "base"
+    if run is not None and (run.path.parent / "base" / "config.json").is_file():
+        base = run.path.parent / "base"
+    return base if (base / "config.json").is_file() and base.resolve() != record.folder.resolve() else None
+
+
 def lineage(record: ModelRecord, run: RunResults | None = None) -> list[ModelRecord]:
-    """The records of the folders this model descends from, oldest first, ending with `record` itself: a stage's
-    `base_model` (teacher, student) or `init_from` (base), followed while it is a local model folder (or, in a run
-    output that moved, the role folder of the same name)."""
+    """The records of the model folders this model descends from, oldest first, ending with `record` itself."""
     chain = [record]
-    seen = {record.folder.resolve()}
-    while chain[0].stage_config is not None:
-        config = chain[0].stage_config
-        parent = _local_model_folder(config.get("base_model") or config.get("init_from"), run)
-        if parent is None or parent.resolve() in seen:
-            break
-        seen.add(parent.resolve())
+    parent = _parent_folder(record, run)
+    if parent is not None:
         chain.insert(0, model_record(parent, run))
     return chain
 
 
-def _local_model_folder(reference: Any, run: RunResults | None) -> Path | None:
-    if not isinstance(reference, str) or not reference:
-        return None
-    path = Path(reference).expanduser()
-    if (path / "config.json").is_file():
-        return path
-    if run is not None and path.name in MODEL_ROLES and (run.path.parent / path.name / "config.json").is_file():
-        return run.path.parent / path.name  # the run output was moved since it was written
-    return None
+def _hub_id_of_source(fingerprint: Any) -> list[str]:
+    """A stage record's source fingerprint names a Hub id as `hub:<id>`; a local folder's is a digest."""
+    if isinstance(fingerprint, str) and fingerprint.startswith("hub:"):
+        return _hub_ids([fingerprint[len("hub:") :]])
+    return []
 
 
 def base_models_of(chain: list[ModelRecord]) -> list[str]:
-    """The Hub ids the oldest traceable ancestor of `chain` started from; else the towers' names recorded in its
-    `config.json` (a model saved without any stage record)."""
+    """The Hub ids the oldest traceable ancestor of `chain` started from: the CLIP checkpoint a run imported
+    (`base_model` stage), the model `align_base` started from (`init_from`), or its two towers; else the towers'
+    names recorded in its `config.json` (a model saved without a stage record). Local folders are left out."""
     origin = chain[0]
-    if origin.stage_config is not None:
-        return base_models_from_config(origin.stage_config)
+    if origin.inputs is not None:
+        if origin.stage == "base_model":
+            return _hub_ids([origin.inputs.get("base_model")])
+        if "init_from" in origin.towers:
+            return _hub_id_of_source(origin.towers["init_from"])
+        return base_models_from_config(origin.settings)
     student_config = _student_config(origin.config)
     return _hub_ids(
         [
@@ -404,22 +422,21 @@ def base_models_of(chain: list[ModelRecord]) -> list[str]:
 
 def _settings_rows(chain: list[ModelRecord], run: RunResults | None) -> list[tuple[str, str]]:
     rows = []
-    if run is not None and isinstance(run.config.get("preset"), Mapping):
-        preset = {
-            key: value for key, value in run.config["preset"].items() if key not in ("align", "teacher", "distill")
-        }
+    if run is not None and run.preset:
+        preset = {key: value for key, value in run.preset.items() if key not in ("align", "teacher", "distill")}
         rows += [(f"run.{key}", value) for key, value in _flatten(preset)]
     for record in chain:
-        if record.stage_config is None:
+        settings = record.settings
+        if not settings:
             continue
-        unused = {name for key, names in _UNUSED_WITH.items() if record.stage_config.get(key) for name in names}
+        unused = {name for key, names in _UNUSED_WITH.items() if key in record.towers for name in names}
         prefix = f"{record.stage}." if record.stage else ""
         rows += [
             (f"{prefix}{key}", value)
-            for key, value in _flatten(record.stage_config)
+            for key, value in _flatten(settings)
             if key.split(".", 1)[0] not in unused and key.rsplit(".", 1)[-1] not in _LOCAL_PATH_SETTINGS
         ]
-    return [(key, _table_cell(value)) for key, value in rows]
+    return [(key, _table_cell(value)) for key, value in rows if value is not None]
 
 
 def _detector_line(folder: Path) -> str | None:
@@ -538,14 +555,10 @@ def build_model_card(
     metric_names.sort(key=lambda name: _METRIC_ORDER.index(name) if name in _METRIC_ORDER else len(_METRIC_ORDER))
     if run is not None:
         training_dataset = run.training_dataset
-    elif record.stage_config is not None and isinstance(record.stage_config.get("data"), str):
-        training_dataset = DatasetRef.parse(record.stage_config["data"], f"{model_dir}: data").with_split(
-            record.stage_config.get("train_split") or None
-        )
     else:
         training_dataset = None
-    sources = {chained.source for chained in chain if chained.source}
-    if run is not None and isinstance(run.config.get("preset"), Mapping):
+    sources = {chained.source for chained in chain if chained.source and chained.settings}
+    if run is not None and run.preset:
         sources.add(RESULTS_FILE)
     sources = sorted(sources)
 
