@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature, ProcessorMixin
 
 from .regions import (
+    REGION_EXTRACTORS,
     GridRegionExtractor,
     RegionExtractor,
     Regions,
@@ -241,7 +242,8 @@ class DCLIPProcessor(ProcessorMixin):
         `save_directory` first and saved as a reference relative to it, so that the folder works anywhere."""
         os.makedirs(save_directory, exist_ok=True)
         settings = self.region_config
-        self.region_config = region_extractor_from_dict(settings).portable_settings(save_directory)
+        if settings.get("type") in REGION_EXTRACTORS:  # not, e.g., a dataset's own boxes: nothing to copy then
+            self.region_config = region_extractor_from_dict(settings).portable_settings(save_directory)
         try:
             return super().save_pretrained(save_directory, *args, **kwargs)
         finally:
