@@ -1,10 +1,9 @@
 """
 Which DCLIP models the demo shows, loading them, and encoding with them.
 
-Models load with transformers' Auto classes and `trust_remote_code=True`, so that a Hub id needs nothing but
-transformers (the model's code travels with it). Without a model named, the demo takes the newest `dclip run` output
-it finds, then (in a Space) the models its README lists, and finally the embedded-default student, which needs the
-`modeling_dclip` package and has untrained projections.
+Models load through `modeling_dclip.loading` (this package's classes, safetensors weights only, no remote code).
+Without a model named, the demo takes the newest `dclip run` output it finds, then (in a Space) the models its
+README lists, and finally the embedded-default student, which has untrained projections.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ def newest_run(runs_dirs: Sequence[str | os.PathLike]) -> Path | None:
 
 
 def space_readme_models(app_dir: Path) -> list[str]:
-    """The `models:` of the Space README next to the app (student first, then teacher)."""
+    """The `models:` of the Space README in `app_dir`, the Space folder (student first, then teacher)."""
     from huggingface_hub import metadata_load
 
     metadata = metadata_load(app_dir / "README.md") or {}
@@ -99,17 +98,15 @@ class DemoModels:
 
     @classmethod
     def load(cls, choice: ModelChoice) -> DemoModels:
-        from transformers import AutoModel, AutoProcessor
+        from ..loading import load_model_and_processor
 
         if choice.student is None:
             student, processor = _embedded_default_student()
         else:
-            student = AutoModel.from_pretrained(choice.student, trust_remote_code=True)
-            processor = AutoProcessor.from_pretrained(choice.student, trust_remote_code=True)
+            student, processor = load_model_and_processor(choice.student, device="cpu")
         teacher = teacher_processor = None
         if choice.teacher is not None:
-            teacher = AutoModel.from_pretrained(choice.teacher, trust_remote_code=True)
-            teacher_processor = AutoProcessor.from_pretrained(choice.teacher, trust_remote_code=True)
+            teacher, teacher_processor = load_model_and_processor(choice.teacher, device="cpu")
             if teacher.config.model_type != "dclip_teacher":
                 raise ValueError(f"{choice.teacher}: a {teacher.config.model_type} model, not a DCLIP teacher")
         description = f"Student from the {choice.origin}." + (
@@ -146,13 +143,8 @@ class DemoModels:
 
 
 def _embedded_default_student():
-    try:
-        from modeling_dclip import EMBEDDED_TEXT, EMBEDDED_VISION, DCLIPModel, DCLIPProcessor
-    except ImportError as error:
-        raise RuntimeError(
-            "No model given and no `dclip run` output found, and the embedded default needs the `modeling_dclip` "
-            "package: pass --model PATH_OR_HUB_ID (or set DCLIP_STUDENT), or install dclip."
-        ) from error
+    from .. import EMBEDDED_TEXT, EMBEDDED_VISION, DCLIPModel, DCLIPProcessor
+
     student = DCLIPModel.from_vision_text_pretrained(EMBEDDED_VISION, EMBEDDED_TEXT)
     processor = DCLIPProcessor.from_vision_text_pretrained(EMBEDDED_VISION, EMBEDDED_TEXT)
     return student, processor
