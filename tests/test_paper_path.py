@@ -146,7 +146,10 @@ def test_run_from_a_clip_with_a_real_detector_on_real_photos(tiny_clip_folder, t
     )
     assert loaded.returncode == 0, loaded.stderr
     weights, count = loaded.stdout.split()[-2:]
-    assert not Path(weights).is_absolute() and int(count) >= 1
+    # Saved as a reference inside the folder, resolved on load to the copy in the moved folder.
+    saved = json.loads((moved / "processor_config.json").read_text())["region_config"]["weights"]
+    assert not Path(saved).is_absolute() and (moved / saved).is_file()
+    assert Path(weights).resolve().is_relative_to(moved.resolve()) and int(count) >= 1
 
 
 REGIONS_COMMAND = [
