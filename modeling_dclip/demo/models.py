@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
+
+from ..encoding import encode_images, encode_texts
 
 STUDENT_ENV = "DCLIP_STUDENT"
 TEACHER_ENV = "DCLIP_TEACHER"
@@ -114,28 +114,13 @@ class DemoModels:
         )
         return cls(student, processor, teacher, teacher_processor, description)
 
-    @torch.no_grad()
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
-        """L2-normalised image embeddings `[n, dim]` (float32)."""
-        embeds = []
-        for start in range(0, len(images), _BATCH_SIZE):
-            pixel_values = self.processor(images=images[start : start + _BATCH_SIZE], return_tensors="pt")[
-                "pixel_values"
-            ]
-            embeds.append(self.student.get_image_features(pixel_values=pixel_values).pooler_output)
-        return F.normalize(torch.cat(embeds).float(), dim=-1).numpy()
+        """L2-normalised image embeddings `[n, dim]` (float32), through the package's one encoding module."""
+        return encode_images(self.student, self.processor, images, _BATCH_SIZE).numpy()
 
-    @torch.no_grad()
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """L2-normalised text embeddings `[n, dim]` (float32)."""
-        embeds = []
-        for start in range(0, len(texts), _BATCH_SIZE):
-            inputs = self.processor(text=texts[start : start + _BATCH_SIZE], return_tensors="pt")
-            features = self.student.get_text_features(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-            ).pooler_output
-            embeds.append(features)
-        return F.normalize(torch.cat(embeds).float(), dim=-1).numpy()
+        """L2-normalised text embeddings `[n, dim]` (float32), through the package's one encoding module."""
+        return encode_texts(self.student, self.processor, texts, _BATCH_SIZE).numpy()
 
     @property
     def logit_scale(self) -> float:
