@@ -4,8 +4,8 @@
         --output benchmarks/dclip_run_compare/results.json
 
 Checks out both commits as git worktrees under `--work-dir`, then runs `python -m modeling_dclip.cli run` from each,
-alternating (before, after, before, after, ...), each into a fresh output folder and (for the after side) a fresh
-feature store, so every run computes everything; reports each wall time and the medians.
+alternating (before, after, before, after, ...), each into a fresh output folder with a fresh feature store and
+`datasets` cache, so every run computes everything; reports each wall time and the medians.
 """
 
 from __future__ import annotations
@@ -46,7 +46,13 @@ def main() -> None:
             out, store = work / f"{side}-run{repeat}", work / f"{side}-store{repeat}"
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(store, ignore_errors=True)
-            env = {**os.environ, "PYTHONPATH": str(tree), "DCLIP_FEATURE_STORE": str(store)}
+            # A fresh feature store (after) and datasets cache (where the before side cached its regions) per run.
+            env = {
+                **os.environ,
+                "PYTHONPATH": str(tree),
+                "DCLIP_FEATURE_STORE": str(store),
+                "HF_DATASETS_CACHE": str(store / "datasets"),
+            }
             command = [
                 sys.executable,
                 "-m",
