@@ -205,7 +205,7 @@ def test_distill_towers_trains_a_compressed_student_on_unpaired_images_and_texts
         freeze_patterns=["vision_model.timm_model.conv_stem.*"],
         image_size=32,
         batch_size=4,
-        num_epochs=1,
+        num_train_epochs=1,
         learning_rate=1e-3,
     )
     store = FeatureStore(tmp_path / "store")

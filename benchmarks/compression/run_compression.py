@@ -261,21 +261,21 @@ def main() -> None:
     store = FeatureStore(out / "features")  # the locked towers' features and stage 1's targets, by content
     validate = validator(val, batch_size=64)
     stage2 = {
-        "num_epochs": args.stage2_epochs,
+        "num_train_epochs": args.stage2_epochs,
         "batch_size": 128,
         "learning_rate": args.stage2_lr,
         "warmup_steps": 20,
         "train_text_tower": False,
         "unlock_vision_blocks": 0,
         "image_size": size,
-        "eval_metric": "text_to_image_R@1",
+        "metric_for_best_model": "text_to_image_R@1",
         "eval_batch_size": 64,
     }
     base_settings = {
         "data": args.data,
         "image_size": size,
         "train_text_tower": False,
-        "num_epochs": args.align_epochs,
+        "num_train_epochs": args.align_epochs,
         "batch_size": 128,
         "learning_rate": 1e-3,
         "warmup_steps": 20,
@@ -304,11 +304,11 @@ def main() -> None:
         "reduce_vocabulary": True,
         "freeze_patterns": FROZEN_PREFIX,
         "image_size": size,
-        "num_epochs": args.stage1_epochs,
+        "num_train_epochs": args.stage1_epochs,
         "batch_size": 64,
         "learning_rate": 3e-4,
         "warmup_steps": 30,
-        "checkpointing_steps": 50,
+        "save_steps": 50,
         "resume_from_checkpoint": "latest",
         "num_images": len(unpaired_images),
         "num_texts": len(stage1_texts),

@@ -60,14 +60,14 @@ SIZES: dict[str, dict[str, Any]] = {
         "train_images": 160,
         "val_images": 32,
         "test_images": 64,
-        "align": {"num_epochs": 10, "batch_size": 32},
-        "teacher": {"num_epochs": 5, "batch_size": 32},
-        "distill": {"num_epochs": 3, "batch_size": 32, "learning_rate": 1e-4, "warmup_steps": 2},
+        "align": {"num_train_epochs": 10, "batch_size": 32},
+        "teacher": {"num_train_epochs": 5, "batch_size": 32},
+        "distill": {"num_train_epochs": 3, "batch_size": 32, "learning_rate": 1e-4, "warmup_steps": 2},
     },
 }
 """Overrides of the pipeline's `tiny` preset."""
 
-BUDGET_FIELDS = ("num_epochs", "batch_size", "learning_rate", "warmup_steps")
+BUDGET_FIELDS = ("num_train_epochs", "batch_size", "learning_rate", "warmup_steps")
 """The student budget every recipe gets from the preset, whatever its config says."""
 
 SPEED_ROUNDS = 7

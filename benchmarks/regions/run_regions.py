@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("val", "test", "train")
 
 
 def rss_mb(pid: int) -> float | None:

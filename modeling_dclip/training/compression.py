@@ -11,7 +11,7 @@ ordinary `align_base` / `distill_student` run from this stage's output.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -26,7 +26,7 @@ from ..recipes.compression import compress_student, parameter_counts, reduce_voc
 from .align import set_image_size
 from .batching import PairBatches
 from .checkpointing import save_model_atomically
-from .config import TrainingConfig
+from .config import TrainingConfig, option
 from .data import pixel_values_of
 from .distill import DistillStep
 from .freezing import freeze_by_patterns
@@ -37,30 +37,30 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TowerDistillConfig(TrainingConfig):
-    """Stage 1 of two-stage compression on unpaired images and texts.
+    """Stage 1 of two-stage compression on unpaired images and texts (`batch_size`: images per global batch; each
+    image row brings its share of the texts)."""
 
-    Args:
-        big_model: the full student (a saved `DCLIPModel` folder): compressed into the student, and, frozen, the
-            source of the targets.
-        compress: keyword arguments of `compress_student` (`text_layers`, `vision_blocks`, ...).
-        reduce_vocabulary: shrink the text tower's word embeddings to the tokens of the vocabulary corpus given to
-            [`distill_towers`] (its texts when none is given).
-        freeze_patterns: `fnmatch` patterns of the student's parameters kept frozen (e.g. the stem and first blocks
-            a kept-block tower shares unchanged with the big one).
-        loss_weights: the recipe (default `compression_stage1`: image and text intra-modal contrastive distillation).
-        logit_scale: fixed inverse temperature of the distillation InfoNCE terms.
-        batch_size: images per global batch; each image row brings its share of the texts.
-    """
-
-    big_model: str = "outputs/student"
-    compress: dict = field(default_factory=lambda: {"text_layers": "every_other", "vision_blocks": "first"})
-    reduce_vocabulary: bool = True
-    freeze_patterns: list = field(default_factory=list)
-    loss_weights: dict | str = "compression_stage1"
-    logit_scale: float = 20.0
-    batch_size: int = 64
-    learning_rate: float = 1e-4
-    eval_metric: str = "loss"
+    big_model: str = option(
+        "outputs/student",
+        "The full student (a saved `DCLIPModel` folder): compressed into the student and, frozen, the targets' source.",
+    )
+    compress: dict = option(
+        {"text_layers": "every_other", "vision_blocks": "first"},
+        "Keyword arguments of `modeling_dclip.recipes.compress_student` (`text_layers`, `vision_blocks`, ...).",
+    )
+    reduce_vocabulary: bool = option(
+        True, "Shrink the text tower's word embeddings to the tokens of the vocabulary corpus (default: the texts)."
+    )
+    freeze_patterns: list = option(
+        [], "`fnmatch` patterns of student parameters kept frozen (the stem and blocks a cut tower shares unchanged)."
+    )
+    loss_weights: dict | str = option(
+        "compression_stage1", "The recipe: intra-modal contrastive distillation of each tower by default."
+    )
+    logit_scale: float = option(20.0, "Fixed inverse temperature of the distillation InfoNCE terms.")
+    batch_size: int = option(64, "Images per global batch; each brings about len(texts) / len(images) texts.")
+    learning_rate: float = option(1e-4, "Peak learning rate of AdamW.")
+    metric_for_best_model: str = option("loss", "Unused: stage 1 has no validation.")
 
 
 def text_groups(num_texts: int, num_images: int, seed: int) -> list[list[int]]:
