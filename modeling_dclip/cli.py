@@ -9,6 +9,9 @@ import sys
 
 # Imported lazily so that `dclip --help` stays fast and one command's optional dependencies never break another.
 COMMAND_MODULES = ("info", "rank", "card", "push", "demo", "run", "eval", "train_detector")
+COMMAND_MODULES += ("index",)
+COMMAND_MODULES += ("search",)
+COMMAND_MODULES += ("export",)
 
 
 def build_parser() -> argparse.ArgumentParser:
