@@ -434,6 +434,25 @@ def _register_builtin_recipes() -> None:
     importlib.import_module(f"{__package__}.recipes")
 
 
+def term_inputs(name: str) -> tuple[str, ...]:
+    """The `outputs` keys a registered term reads, without its options: its factory's class-level `requires`, else
+    those of an instance built without options (terms that declare none are assumed to read the teacher's
+    embeddings)."""
+    _register_builtin_recipes()
+    if name not in LOSS_TERMS:
+        raise ValueError(f"unknown loss term {name!r}; known terms: {sorted(LOSS_TERMS)}")
+    factory = LOSS_TERMS[name]
+    requires = getattr(factory, "requires", None)
+    if requires is None:
+        requires = getattr(LossRecipe._build(name, {}), "requires", ("teacher_image_embeds", "teacher_text_embeds"))
+    return tuple(requires)
+
+
+def required_inputs(recipe: str | Mapping[str, float] | None) -> set[str]:
+    """Every `outputs` key the weighted terms of `recipe` read (see [`term_inputs`])."""
+    return {key for name, weight in resolve_recipe(recipe).items() if weight for key in term_inputs(name)}
+
+
 def resolve_recipe(recipe: str | Mapping[str, float] | None) -> dict[str, float]:
     """Term weights of `recipe`: a mapping of term name -> weight, a registered recipe name, or names joined by
     `+` (`"dclip+conaclip"`), whose weights add up. `None` is DCLIP's hybrid."""
@@ -534,11 +553,13 @@ __all__ = [
     "info_nce",
     "register_loss_term",
     "register_recipe",
+    "required_inputs",
     "resolve_recipe",
     "similarity_distance",
     "similarity_kl",
     "similarity_matrix",
     "soft_cross_entropy",
+    "term_inputs",
     "symmetric_similarity_distance",
     "symmetric_similarity_kl",
 ]

@@ -221,14 +221,36 @@ class DCLIPModel(DCLIPPreTrainedModel):
         _copy_dual_encoder_weights(self, clip)
         return clip.to(self.dtype)
 
-    def _pool_vision(self, outputs) -> torch.Tensor:
+    def pool_vision(self, outputs) -> torch.Tensor:
+        r"""
+        The image tower's pooled, unprojected output: `pooler_output` when `vision_pooling="pooler"` and the tower
+        has one, else the mean over positions.
+
+        Args:
+            outputs: the vision tower's output (`last_hidden_state` `(batch_size, channels, height, width)` for
+                convolutional backbones, `(batch_size, num_positions, hidden_size)` for transformers).
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, vision_width)`.
+        """
         if self.config.vision_pooling == "pooler" and getattr(outputs, "pooler_output", None) is not None:
             return outputs.pooler_output.flatten(1)
         hidden = outputs.last_hidden_state
         # Convolutional backbones return [B, C, H, W]; transformers return [B, N, C].
         return hidden.mean(dim=(2, 3)) if hidden.dim() == 4 else hidden.mean(dim=1)
 
-    def _pool_text(self, outputs, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def pool_text(self, outputs, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        r"""
+        The text tower's pooled, unprojected output, as `text_pooling` says: `pooler`, `cls` (first token) or
+        `mean` (over real tokens).
+
+        Args:
+            outputs: the text tower's output (`last_hidden_state` `(batch_size, sequence_length, hidden_size)`).
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 for real tokens.
+
+        Returns:
+            `torch.FloatTensor` of shape `(batch_size, hidden_size)`.
+        """
         if self.config.text_pooling == "pooler":
             return outputs.pooler_output
         hidden = outputs.last_hidden_state
@@ -251,7 +273,7 @@ class DCLIPModel(DCLIPPreTrainedModel):
         outputs = self.vision_model(pixel_values=pixel_values, return_dict=True, **kwargs)
         return BaseModelOutputWithPooling(
             last_hidden_state=outputs.last_hidden_state,
-            pooler_output=self.visual_projection(self._pool_vision(outputs)),
+            pooler_output=self.visual_projection(self.pool_vision(outputs)),
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
@@ -280,7 +302,7 @@ class DCLIPModel(DCLIPPreTrainedModel):
         outputs = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs)
         return BaseModelOutputWithPooling(
             last_hidden_state=outputs.last_hidden_state,
-            pooler_output=self.text_projection(self._pool_text(outputs, attention_mask)),
+            pooler_output=self.text_projection(self.pool_text(outputs, attention_mask)),
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )

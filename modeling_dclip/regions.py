@@ -414,6 +414,11 @@ def region_extractor_from_dict(config: dict[str, Any]) -> RegionExtractor:
     """Rebuild an extractor from `RegionExtractor.to_dict()` output (e.g. read back from a processor config)."""
     settings = dict(config)
     kind = settings.pop("type", None)
+    if kind == "dataset":
+        raise ValueError(
+            f"region_config {config} takes regions from a dataset's annotated {settings.get('column', 'boxes')!r} "
+            "column, not from an extractor: pass the boxes to the processor (`processor(images, boxes=...)`)"
+        )
     if kind not in REGION_EXTRACTORS:
         raise ValueError(
             f"unknown region extractor type {kind!r} in {config}; known types: {sorted(REGION_EXTRACTORS)}"

@@ -68,3 +68,18 @@ def sample_photos():
     return {
         name: Image.fromarray(getattr(skimage.data, name)()) for name in ("chelsea", "coffee", "astronaut", "rocket")
     }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def feature_store_root(tmp_path_factory) -> Path:
+    """The tests' feature store: a fresh folder for the session (and the processes it starts), never the user's."""
+    import os
+
+    root = tmp_path_factory.mktemp("feature-store")
+    previous = os.environ.get("DCLIP_FEATURE_STORE")
+    os.environ["DCLIP_FEATURE_STORE"] = str(root)
+    yield root
+    if previous is None:
+        os.environ.pop("DCLIP_FEATURE_STORE", None)
+    else:
+        os.environ["DCLIP_FEATURE_STORE"] = previous

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_training import ACCELERATE, REPO, SUBPROCESS_ENV, cpu_one_thread, tiny_base  # noqa: F401 (fixtures)
 
 from modeling_dclip import DCLIPModel, DCLIPProcessor
-from modeling_dclip.evaluation.model_eval import encode_texts
+from modeling_dclip.encoding import encode_texts
 from modeling_dclip.losses import resolve_recipe
 from modeling_dclip.recipes import parameter_counts
 from modeling_dclip.training import DistillConfig, TeacherConfig, train_teacher
@@ -119,7 +119,18 @@ def test_recipe_names_are_checked_before_any_model_loads():
         DistillConfig(compress={"text_layer": 2})
 
 
-def test_conaclip_distils_from_a_frozen_dual_encoder(tiny_base, scenes_spec, tmp_path):
+def table_rows(spec: str) -> torch.Tensor:
+    """The image row of each training caption."""
+    return CaptionTable.from_dataset(load_split(spec, "train")).caption_to_image
+
+
+def store_entries(store: Path, kind: str) -> list[Path]:
+    """The feature store's entries of `kind` (the trainers run with `DCLIP_FEATURE_STORE` set to `store`)."""
+    return sorted((store / kind).glob("*.safetensors"))
+
+
+def test_conaclip_distils_from_a_frozen_dual_encoder(tiny_base, scenes_spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("DCLIP_FEATURE_STORE", str(tmp_path / "store"))
     out = tmp_path / "conaclip"
     summary = launch("conaclip", scenes_spec, out, "--base_model", str(tiny_base), "--teacher_model", str(tiny_base))
     assert_trained_with(summary, "conaclip")
@@ -129,7 +140,10 @@ def test_conaclip_distils_from_a_frozen_dual_encoder(tiny_base, scenes_spec, tmp
         base, student, "vision_model."
     )  # the config freezes nothing
     # The teacher is a DCLIPModel folder, so its targets are its own embeddings of each pair's caption (and image).
-    targets = load_file(str(out / "training" / "dual_encoder_targets.safetensors"))
+    [texts] = store_entries(tmp_path / "store", "text_embeddings")
+    [images] = store_entries(tmp_path / "store", "image_embeddings")
+    targets = {"teacher_text_embeds": load_file(str(texts))["text_embeds"]}
+    targets["teacher_image_embeds"] = load_file(str(images))["image_embeds"][table_rows(scenes_spec)]
     table = CaptionTable.from_dataset(load_split(scenes_spec, "train"))
     expected = encode_texts(
         DCLIPModel.from_pretrained(tiny_base), DCLIPProcessor.from_pretrained(tiny_base), table.captions
@@ -138,15 +152,19 @@ def test_conaclip_distils_from_a_frozen_dual_encoder(tiny_base, scenes_spec, tmp
     assert targets["teacher_image_embeds"].shape == expected.shape
 
 
-def test_dclip_plus_conaclip_distils_from_the_dclip_teacher(tiny_base, tiny_teacher, scenes_spec, tmp_path):
+def test_dclip_plus_conaclip_distils_from_the_dclip_teacher(
+    tiny_base, tiny_teacher, scenes_spec, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("DCLIP_FEATURE_STORE", str(tmp_path / "store"))
     out = tmp_path / "dclip_conaclip"
     summary = launch(
         "dclip_conaclip", scenes_spec, out, "--base_model", str(tiny_base), "--teacher_model", str(tiny_teacher)
     )
     assert_trained_with(summary, "dclip+conaclip")
     assert {"image_distill", "text_distill", "intra_ts_fd", "inter_ss_sym_kl"} <= set(summary["loss_weights"])
-    assert (out / "training" / "teacher_targets.safetensors").is_file()  # the DCLIP teacher's fused embeddings
-    assert not (out / "training" / "dual_encoder_targets.safetensors").exists()
+    # The DCLIP teacher's fused embeddings of each pair, not a dual encoder's embeddings.
+    assert len(store_entries(tmp_path / "store", "teacher_targets")) == 1
+    assert not store_entries(tmp_path / "store", "image_embeddings")
     base, student = load_file(str(tiny_base / "model.safetensors")), load_file(str(out / "model.safetensors"))
     load_plain_student(out)
     frozen = [name for name in base if name.startswith("text_model.")]
@@ -154,12 +172,16 @@ def test_dclip_plus_conaclip_distils_from_the_dclip_teacher(tiny_base, tiny_teac
     assert changed(base, student, "vision_model.")
 
 
-def test_knowledge_clip_trains_against_a_language_model_and_saves_a_plain_student(tiny_base, scenes_spec, tmp_path):
+def test_knowledge_clip_trains_against_a_language_model_and_saves_a_plain_student(
+    tiny_base, scenes_spec, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("DCLIP_FEATURE_STORE", str(tmp_path / "store"))
     out = tmp_path / "knowledge_clip"
     summary = launch("knowledge_clip", scenes_spec, out, "--base_model", str(tiny_base), "--num_concepts", "4")
     assert_trained_with(summary, "knowledge_clip")
     assert {"image_concept", "text_concept"} <= set(summary["last_train_terms"])  # the concept head read both towers
-    targets = load_file(str(out / "training" / "text_teacher_targets.safetensors"))
+    [entry] = store_entries(tmp_path / "store", "text_teacher_targets")
+    targets = load_file(str(entry))
     n_captions = len(CaptionTable.from_dataset(load_split(scenes_spec, "train")).captions)
     assert targets["teacher_lm_text_embeds"].shape == (
         n_captions,

@@ -6,11 +6,11 @@ command line (values are read as YAML: `--loss_weights '{contrastive: 1}'`, `--f
 
 import sys
 
-from modeling_dclip.training import AlignConfig, align_base, parse_stage_config
+from modeling_dclip.commands.train_stage import train_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    align_base(parse_stage_config(AlignConfig, argv))
+    train_stage("align_base", argv)
     return 0
 
 

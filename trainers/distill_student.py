@@ -7,11 +7,11 @@ on the command line (values are read as YAML: `--loss_weights '{contrastive: 1}'
 
 import sys
 
-from modeling_dclip.training import DistillConfig, distill_student, parse_stage_config
+from modeling_dclip.commands.train_stage import train_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    distill_student(parse_stage_config(DistillConfig, argv))
+    train_stage("distill_student", argv)
     return 0
 
 

@@ -7,11 +7,11 @@ on the command line (values are read as YAML: `--loss_weights '{contrastive: 1}'
 
 import sys
 
-from modeling_dclip.training import TeacherConfig, parse_stage_config, train_teacher
+from modeling_dclip.commands.train_stage import train_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    train_teacher(parse_stage_config(TeacherConfig, argv))
+    train_stage("train_teacher", argv)
     return 0
 
 

@@ -60,7 +60,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--regions", default="processor", help=f"teacher only, where regions come from: {_REGION_CHOICES}"
     )
-    parser.add_argument("--region-cache", help="teacher only, folder of the region caches (default: datasets' cache)")
+    parser.add_argument(
+        "--feature-store",
+        help="folder of the feature store where embeddings, regions and token states are cached by content "
+        "(default: $DCLIP_FEATURE_STORE or ~/.cache/dclip/features)",
+    )
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.set_defaults(func=run)
 
@@ -85,6 +89,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..data.spec import DatasetSpec
     from ..evaluation import get_classnames, get_templates
     from ..evaluation.model_eval import evaluate_model, is_teacher, load_model_for_evaluation, prepare_task_inputs
+    from ..feature_store import FeatureStore, region_source_from_config
     from ..modeling_dclip import DCLIPModel
 
     spec = DatasetSpec.parse(args.dataset)
@@ -113,7 +118,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         templates=templates,
         batch_size=args.batch_size,
         region_source=region_source,
-        cache_dir=args.region_cache,
+        store=FeatureStore(args.feature_store),
     )
     evaluated = time.perf_counter()
 
@@ -148,7 +153,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             "num_templates": len(templates),
         }
     if kind == "teacher":
-        results["regions"] = (region_source or processor.region_extractor).to_dict()
+        results["regions"] = (region_source or region_source_from_config(processor.region_config)).to_dict()
     _write_json_atomically(output, results)
     _print_table(results)
     print(f"results: {output}")
@@ -157,7 +162,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _region_source(choice: str):
     """The teacher's region source named by `--regions`; `None` for the processor's own extractor."""
-    from ..data.region_cache import DatasetBoxes
+    from ..feature_store import DatasetBoxes
     from ..regions import GridRegionExtractor, region_extractor_from_dict
 
     if choice == "processor":
@@ -213,7 +218,7 @@ def _equivalent_command(args: argparse.Namespace) -> str:
         "--templates": args.templates if "zeroshot" in args.task else None,
         "--classnames": args.classnames,
         "--regions": args.regions if args.regions != "processor" else None,
-        "--region-cache": args.region_cache,
+        "--feature-store": args.feature_store,
         "--device": args.device,
         "--output-dir": args.output_dir,
         "--output": args.output,

@@ -1,14 +1,11 @@
 """Evaluation of dual encoders: image-text retrieval, compositional accuracy and zero-shot classification."""
 
+from ..data.captions import CaptionPairs, caption_pairs
 from .compositional import compositional_accuracy, compositional_accuracy_from_embeddings
 from .model_eval import (
     TASKS,
-    CaptionPairs,
     TaskInputs,
-    caption_pairs,
     dataset_classnames,
-    encode_images,
-    encode_texts,
     evaluate_model,
     load_model_for_evaluation,
     prepare_task_inputs,
@@ -16,6 +13,7 @@ from .model_eval import (
 )
 from .retrieval import RECALL_AT_K, retrieval_metrics, retrieval_metrics_from_embeddings
 from .templates import get_classnames, get_templates
+from .validation import validator
 from .zeroshot import build_zeroshot_classifier, zeroshot_classification
 
 __all__ = [
@@ -28,8 +26,6 @@ __all__ = [
     "compositional_accuracy",
     "compositional_accuracy_from_embeddings",
     "dataset_classnames",
-    "encode_images",
-    "encode_texts",
     "evaluate_model",
     "get_classnames",
     "get_templates",
@@ -38,5 +34,6 @@ __all__ = [
     "retrieval_metrics",
     "retrieval_metrics_from_embeddings",
     "supported_tasks",
+    "validator",
     "zeroshot_classification",
 ]

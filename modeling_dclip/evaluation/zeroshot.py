@@ -10,54 +10,14 @@ The model follows `CLIPModel`'s interface (`get_text_features` / `get_image_feat
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, Dataset
-from PIL import Image
 
+from ..encoding import check_batch_size, encode_images, encode_texts
 from .templates import get_templates
-
-
-@contextmanager
-def _in_eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Evaluates without dropout, then gives the model back in the mode it came in (e.g. mid-training)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-def _encode_texts(model, processor, texts: Sequence[str], batch_size: int) -> torch.Tensor:
-    """L2-normalised text embeddings `[len(texts), dim]` (float32, on the model's device)."""
-    device = next(model.parameters()).device
-    embeds = []
-    for start in range(0, len(texts), batch_size):
-        inputs = processor(text=list(texts[start : start + batch_size]), return_tensors="pt", padding=True)
-        features = model.get_text_features(
-            input_ids=inputs["input_ids"].to(device), attention_mask=inputs["attention_mask"].to(device)
-        ).pooler_output
-        embeds.append(F.normalize(features.float(), dim=-1))
-    return torch.cat(embeds)
-
-
-def _encode_images(model, processor, images: Sequence[Image.Image]) -> torch.Tensor:
-    """L2-normalised image embeddings `[len(images), dim]` (float32, on the model's device)."""
-    parameter = next(model.parameters())
-    pixel_values = processor(images=list(images), return_tensors="pt")["pixel_values"]
-    features = model.get_image_features(
-        pixel_values=pixel_values.to(device=parameter.device, dtype=parameter.dtype)
-    ).pooler_output
-    return F.normalize(features.float(), dim=-1)
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 @torch.no_grad()
@@ -85,11 +45,11 @@ def build_zeroshot_classifier(
     for template in templates:
         if template.count("{}") != 1:
             raise ValueError(f"template {template!r} must contain exactly one '{{}}' placeholder for the class name")
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
 
     prompts = [template.replace("{}", classname) for classname in classnames for template in templates]
-    with _in_eval_mode(model):
-        prompt_embeds = _encode_texts(model, processor, prompts, batch_size)
+    device = next(model.parameters()).device
+    prompt_embeds = encode_texts(model, processor, prompts, batch_size).to(device)
     class_embeds = prompt_embeds.reshape(len(classnames), len(templates), -1).mean(dim=1)
     return F.normalize(class_embeds, dim=-1)
 
@@ -138,28 +98,20 @@ def zeroshot_classification(
             )
         classnames = label_feature.names
     templates = get_templates("simple") if templates is None else templates
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
 
     classifier = build_zeroshot_classifier(model, processor, classnames, templates, batch_size)
-    top_k = min(5, len(classnames))
-    n_top1 = n_top5 = 0
-    # Only the two columns are read, so other columns (captions, boxes, ...) are never decoded.
-    dataset = dataset.select_columns([image_column, label_column])
-    with _in_eval_mode(model):
-        for start in range(0, len(dataset), batch_size):
-            batch = dataset[start : start + batch_size]
-            labels = torch.as_tensor(batch[label_column], dtype=torch.long)
-            invalid = (labels < 0) | (labels >= len(classnames))
-            if bool(invalid.any()):
-                row = start + int(torch.nonzero(invalid)[0])
-                raise ValueError(
-                    f"dataset row {row}: {label_column!r} = {int(labels[row - start])} is not a class index "
-                    f"(there are {len(classnames)} classes)"
-                )
-            images = [image.convert("RGB") for image in batch[image_column]]
-            logits = _encode_images(model, processor, images) @ classifier.T
-            predictions = logits.topk(top_k, dim=1).indices.cpu()
-            hits = predictions == labels[:, None]
-            n_top1 += int(hits[:, 0].sum())
-            n_top5 += int(hits.any(dim=1).sum())
+    labels = torch.as_tensor(dataset.select_columns([label_column])[label_column], dtype=torch.long)
+    invalid = (labels < 0) | (labels >= len(classnames))
+    if bool(invalid.any()):
+        row = int(torch.nonzero(invalid)[0])
+        raise ValueError(
+            f"dataset row {row}: {label_column!r} = {int(labels[row])} is not a class index "
+            f"(there are {len(classnames)} classes)"
+        )
+    # Only the image column is read, so other columns (captions, boxes, ...) are never decoded.
+    image_embeds = encode_images(model, processor, dataset.select_columns([image_column]), batch_size, image_column)
+    predictions = (image_embeds @ classifier.cpu().T).topk(min(5, len(classnames)), dim=1).indices
+    hits = predictions == labels[:, None]
+    n_top1, n_top5 = int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
     return {"top1": n_top1 / len(dataset), "top5": n_top5 / len(dataset), "n": len(dataset)}

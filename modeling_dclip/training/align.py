@@ -7,21 +7,23 @@ only the two projections and the temperature."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
 import torch
 from torch import nn
 
+from ..encoding import tokenize
+from ..feature_store import FeatureStore
+from ..loading import load_dual_encoder
 from ..losses import ContrastiveLoss
 from ..modeling_dclip import DCLIPModel
 from ..processing_dclip import DCLIPProcessor
 from .batching import PairBatches
 from .checkpointing import save_model_atomically
 from .config import AlignConfig
-from .data import CaptionTable, load_split, pixel_values_of, tokenize
-from .evaluation import evaluate_dual_encoder
-from .features import cached, image_tower_features
+from .data import CaptionTable, load_split, pixel_values_of
 from .freezing import keep_frozen_norms_in_eval, unlock_last_blocks
 from .loop import make_accelerator, train
 
@@ -31,18 +33,6 @@ def set_image_size(processor: DCLIPProcessor, image_size: int | None) -> None:
     if image_size:
         processor.image_processor.size = {"shortest_edge": image_size}
         processor.image_processor.crop_size = {"height": image_size, "width": image_size}
-
-
-@torch.no_grad()
-def pooled_text_features(model: DCLIPModel, processor: DCLIPProcessor, texts: list[str], batch_size: int) -> dict:
-    """Pooled, unprojected outputs of a locked text tower: `{"text_features": [n_texts, tower_width]}`."""
-    model.eval()
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        encoded = tokenize(processor, texts[start : start + batch_size])
-        outputs = model.text_model(**encoded, return_dict=True)
-        chunks.append(model._pool_text(outputs, encoded["attention_mask"]).float())
-    return {"text_features": torch.cat(chunks)}
 
 
 class AlignStep(nn.Module):
@@ -76,7 +66,7 @@ class AlignStep(nn.Module):
 
 def build_base(config: AlignConfig) -> tuple[DCLIPModel, DCLIPProcessor]:
     if config.init_from:
-        return DCLIPModel.from_pretrained(config.init_from), DCLIPProcessor.from_pretrained(config.init_from)
+        return load_dual_encoder(config.init_from)
     model = DCLIPModel.from_vision_text_pretrained(
         config.vision_model, config.text_model, projection_dim=config.projection_dim
     )
@@ -87,23 +77,28 @@ def build_base(config: AlignConfig) -> tuple[DCLIPModel, DCLIPProcessor]:
 
 
 def align_base(
-    config: AlignConfig, train_dataset: datasets.Dataset | None = None, eval_dataset: datasets.Dataset | None = None
+    config: AlignConfig,
+    train_dataset: datasets.Dataset | None = None,
+    evaluate: Callable[[DCLIPModel, DCLIPProcessor], dict[str, float]] | None = None,
+    store: FeatureStore | None = None,
 ) -> Path:
     """Train the base dual encoder and save it (with its processor) to `config.output_dir`.
 
     Args:
         config: see [`AlignConfig`].
-        train_dataset / eval_dataset: datasets in the canonical schema; default to `config.data`'s splits.
+        train_dataset: a dataset in the canonical schema; defaults to `config.data`'s `train_split`.
+        evaluate: `(model, processor) -> metrics`, run after each epoch to select the best weights
+            (`modeling_dclip.evaluation.validator` builds one).
+        store: where the locked towers' features are cached (default `FeatureStore()`).
 
     Returns:
         `config.output_dir`.
     """
+    store = store if store is not None else FeatureStore()
     accelerator = make_accelerator(config)
     model, processor = build_base(config)
     set_image_size(processor, config.image_size)
     train_rows = train_dataset if train_dataset is not None else load_split(config.data, config.train_split)
-    if eval_dataset is None and config.eval_split:
-        eval_dataset = load_split(config.data, config.eval_split)
     table = CaptionTable.from_dataset(train_rows)
 
     model.requires_grad_(False)
@@ -113,21 +108,12 @@ def align_base(
     if config.train_text_tower:
         unlock_last_blocks(model.text_model, config.unlock_text_layers)
 
-    image_features = None
-    if config.unlock_vision_blocks == 0:
-        with accelerator.main_process_first():
-            image_features = cached(
-                Path(config.work_dir) / "image_tower_features.safetensors",
-                lambda: image_tower_features(model, processor, train_rows, config.eval_batch_size),
-            )["image_features"]
-
-    text_tower_features = None
-    if not config.train_text_tower:
-        with accelerator.main_process_first():
-            text_tower_features = cached(
-                Path(config.work_dir) / "text_tower_features.safetensors",
-                lambda: pooled_text_features(model, processor, table.captions, 4 * config.eval_batch_size),
-            )["text_features"]
+    image_features = text_tower_features = None
+    with accelerator.main_process_first():
+        if config.unlock_vision_blocks == 0:
+            image_features = store.image_tower_features(model, processor, train_rows, config.eval_batch_size)
+        if not config.train_text_tower:
+            text_tower_features = store.text_tower_features(model, processor, table.captions)
 
     def collate(pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         rows, captions = [row for row, _ in pairs], [caption for _, caption in pairs]
@@ -141,18 +127,9 @@ def align_base(
             batch["pixel_values"] = pixel_values_of(processor, train_rows, rows)
         return batch
 
-    evaluate = None
-    if eval_dataset is not None:
-        evaluate = lambda trained: evaluate_dual_encoder(trained, processor, eval_dataset, config.eval_batch_size)  # noqa: E731
-    trained, summary = train(
-        accelerator,
-        AlignStep(model),
-        config,
-        PairBatches(table.counts, config.batch_size, config.seed),
-        collate,
-        evaluate,
-        "align_base",
-    )
+    validate = (lambda trained: evaluate(trained, processor)) if evaluate is not None else None
+    batches = PairBatches(table.counts, config.batch_size, config.seed)
+    trained, summary = train(accelerator, AlignStep(model), config, batches, collate, validate, "align_base")
     if accelerator.is_main_process:
         save_model_atomically(trained, processor, config.output_dir, {"stage": "align_base", **summary})
     accelerator.wait_for_everyone()

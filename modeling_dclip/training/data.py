@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import datasets
 import torch
 
+from ..data.captions import caption_pairs
 from ..data.spec import load_dataset_spec
-from ..evaluation.model_eval import caption_pairs
+from ..encoding import load_images_at, pixel_values
 
 logger = logging.getLogger(__name__)
 
@@ -56,15 +57,4 @@ class CaptionTable:
 
 def pixel_values_of(processor, dataset: datasets.Dataset, rows: list[int]) -> torch.Tensor:
     """Preprocessed images of `rows`, `[len(rows), 3, H, W]`."""
-    images = dataset.select_columns(["image"])[rows]["image"] if rows else []
-    return processor(images=images, return_tensors="pt")["pixel_values"]
-
-
-def tokenize(processor, texts: list[str]) -> dict[str, torch.Tensor]:
-    encoded = processor(text=texts, return_tensors="pt")
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-
-
-def batched(count: int, size: int):
-    for start in range(0, count, size):
-        yield list(range(start, min(start + size, count)))
+    return pixel_values(processor, load_images_at(dataset, rows))

@@ -10,40 +10,29 @@ student; stage 1 distils from the big model, stage 2 fine-tunes contrastively)."
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
 import torch
 from torch import nn
-from transformers import AutoConfig
 
-from ..evaluation.model_eval import encode_images, encode_texts, load_model_for_evaluation
-from ..losses import LossRecipe, resolve_recipe
-from ..modeling_dclip import DCLIPModel, DCLIPTeacherModel
+from ..encoding import tokenize
+from ..feature_store import FeatureStore
+from ..loading import load_dual_encoder
+from ..losses import LossRecipe
+from ..modeling_dclip import DCLIPModel
 from ..processing_dclip import DCLIPProcessor
-from ..recipes import compress_student, knowledge_clip_options, knowledge_clip_targets, parameter_counts
-from ..recipes.knowledge_clip import (
-    CONCEPT_LABELS,
-    LM_EMBEDS,
-    ConceptLearningLoss,
-    TextEmbeddingDistillationLoss,
-    TextTeacher,
-)
+from ..recipes import compress_student, parameter_counts
 from .batching import PairBatches
 from .checkpointing import save_model_atomically
 from .config import DistillConfig
-from .data import CaptionTable, load_split, pixel_values_of, tokenize
-from .evaluation import evaluate_dual_encoder
-from .features import Features, cached, region_features, teacher_targets, text_features
+from .data import CaptionTable, load_split, pixel_values_of
 from .freezing import freeze_by_patterns, keep_frozen_norms_in_eval
 from .loop import make_accelerator, train
+from .targets import recipe_targets
 
 logger = logging.getLogger(__name__)
-
-DUAL_ENCODER_KEYS = ("teacher_image_embeds", "teacher_text_embeds")
-"""The targets `teacher_model` provides (DCLIP's, ConaCLIP's and compression's distillation terms read them)."""
-KNOWLEDGE_CLIP_TERMS = (TextEmbeddingDistillationLoss.name, ConceptLearningLoss.name)
-"""The terms whose targets come from `text_teacher_model`."""
 
 
 class DistillStep(nn.Module):
@@ -79,71 +68,6 @@ class DistillStep(nn.Module):
         return self.recipe(outputs)
 
 
-def is_dclip_teacher(folder: str) -> bool:
-    """Whether the model saved in `folder` is a DCLIP teacher (rather than a dual encoder), from its config."""
-    return AutoConfig.from_pretrained(folder).model_type == DCLIPTeacherModel.config_class.model_type
-
-
-def dual_encoder_targets(model, processor, dataset: datasets.Dataset, table: CaptionTable) -> Features:
-    """A frozen dual encoder's embeddings of every training pair, indexed by caption: `teacher_image_embeds`, its
-    embedding of the caption's image, and `teacher_text_embeds`, of the caption (ConaCLIP's teacher encoders; the
-    big model of two-stage compression, whose stage-1 terms read each modality on its own)."""
-    images, texts = encode_images(model, processor, dataset), encode_texts(model, processor, table.captions)
-    return {"teacher_image_embeds": images[table.caption_to_image], "teacher_text_embeds": texts}
-
-
-def compute_teacher_targets(config: DistillConfig, dataset: datasets.Dataset, table: CaptionTable) -> Features:
-    """`teacher_image_embeds` / `teacher_text_embeds` of every training pair from `config.teacher_model`, from
-    `work_dir` when already cached: a DCLIP teacher's enriched embeddings of each pair, or a dual encoder's
-    embeddings of its image and caption ([`dual_encoder_targets`])."""
-    if is_dclip_teacher(config.teacher_model):
-
-        def compute() -> Features:
-            teacher = DCLIPTeacherModel.from_pretrained(config.teacher_model).eval()
-            teacher_processor = DCLIPProcessor.from_pretrained(config.teacher_model)
-            regions = region_features(teacher, teacher_processor, dataset, use_dataset_boxes=config.use_dataset_boxes)
-            texts = text_features(teacher, teacher_processor, table.captions)
-            return teacher_targets(teacher, regions, texts, table.caption_to_image)
-
-        return cached(Path(config.work_dir) / "teacher_targets.safetensors", compute)
-    # A separate file: switching `teacher_model` between the two kinds must not reuse the other kind's targets.
-    return cached(
-        Path(config.work_dir) / "dual_encoder_targets.safetensors",
-        lambda: dual_encoder_targets(*load_model_for_evaluation(config.teacher_model), dataset, table),
-    )
-
-
-def compute_text_teacher_targets(config: DistillConfig, table: CaptionTable) -> Features:
-    """Knowledge-CLIP's per-caption targets from `config.text_teacher_model` (its mean-pooled caption embeddings and
-    soft labels over their K-means concepts), from `work_dir` when already cached."""
-    if not config.text_teacher_model:
-        raise ValueError("distill_student: the recipe has Knowledge-CLIP terms, but text_teacher_model is empty")
-    return cached(
-        Path(config.work_dir) / "text_teacher_targets.safetensors",
-        lambda: knowledge_clip_targets(
-            TextTeacher.from_pretrained(config.text_teacher_model),
-            table.captions,
-            config.num_concepts,
-            temperature=config.concept_temperature,
-            seed=config.seed,
-        ),
-    )
-
-
-def build_recipe(config: DistillConfig, student_dim: int, targets: Features) -> LossRecipe:
-    """`config.loss_weights` as a [`LossRecipe`]: Knowledge-CLIP's projection and concept head sized from the
-    student's width and the cached text-teacher targets, `config.loss_options` on top."""
-    weights = resolve_recipe(config.loss_weights)
-    options: dict[str, dict] = {}
-    if LM_EMBEDS in targets:
-        options = knowledge_clip_options(
-            weights, student_dim, targets[LM_EMBEDS].shape[1], targets[CONCEPT_LABELS].shape[1]
-        )
-    for name, extra in config.loss_options.items():
-        options[name] = {**options.get(name, {}), **extra}
-    return LossRecipe(weights, options)
-
-
 def wise_ft(model: nn.Module, base: nn.Module, alpha: float) -> None:
     """WiSE-FT: replace `model`'s floating-point weights and buffers by `(1 - alpha) * base + alpha * model`."""
     base_state = base.state_dict()
@@ -156,8 +80,7 @@ def wise_ft(model: nn.Module, base: nn.Module, alpha: float) -> None:
 def build_student(config: DistillConfig) -> tuple[nn.Module, DCLIPProcessor]:
     """The student to train, from `base_model` (made smaller first when `compress` is set), with LoRA and freezing
     applied, and its processor."""
-    student = DCLIPModel.from_pretrained(config.base_model)
-    processor = DCLIPProcessor.from_pretrained(config.base_model)
+    student, processor = load_dual_encoder(config.base_model)
     if config.compress is not None:
         big = parameter_counts(student)["total"]
         student = compress_student(student, **config.compress)
@@ -178,31 +101,26 @@ def build_student(config: DistillConfig) -> tuple[nn.Module, DCLIPProcessor]:
 
 
 def distill_student(
-    config: DistillConfig, train_dataset: datasets.Dataset | None = None, eval_dataset: datasets.Dataset | None = None
+    config: DistillConfig,
+    train_dataset: datasets.Dataset | None = None,
+    evaluate: Callable[[DCLIPModel, DCLIPProcessor], dict[str, float]] | None = None,
+    store: FeatureStore | None = None,
 ) -> Path:
     """Distil the student and save it (with its processor) to `config.output_dir`.
 
+    The recipe's targets come from the registered target sources (`modeling_dclip.training.targets`) through the
+    feature store (default `FeatureStore()`); `evaluate(student, processor)` selects the best epoch when given.
     With LoRA the adapter is saved to `{output_dir}/adapter` (loadable with `PeftModel.from_pretrained`) and the
     merged weights as the plain checkpoint in `output_dir`.
     """
+    store = store if store is not None else FeatureStore()
     accelerator = make_accelerator(config)
     student, processor = build_student(config)
     train_rows = train_dataset if train_dataset is not None else load_split(config.data, config.train_split)
-    if eval_dataset is None and config.eval_split:
-        eval_dataset = load_split(config.data, config.eval_split)
     table = CaptionTable.from_dataset(train_rows)
-    targets: Features = {}
-    if any(resolve_recipe(config.loss_weights).get(name) for name in KNOWLEDGE_CLIP_TERMS):
-        with accelerator.main_process_first():
-            targets.update(compute_text_teacher_targets(config, table))
-    recipe = build_recipe(config, student.config.projection_dim, targets)
-    if set(DUAL_ENCODER_KEYS) & set(recipe.required_inputs):
-        if not config.teacher_model:
-            raise ValueError(
-                f"distill_student: the recipe {recipe.weights} needs a teacher, but teacher_model is empty"
-            )
-        with accelerator.main_process_first():
-            targets.update(compute_teacher_targets(config, train_rows, table))
+    with accelerator.main_process_first():
+        targets, options = recipe_targets(config, train_rows, table, store, student.config.projection_dim)
+    recipe = LossRecipe(config.loss_weights, options)
 
     def collate(pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         rows, captions = [row for row, _ in pairs], [caption for _, caption in pairs]
@@ -211,25 +129,16 @@ def distill_student(
         batch.update({name: tensor[captions] for name, tensor in targets.items()})
         return batch
 
-    evaluate = None
-    if eval_dataset is not None:
-        evaluate = lambda trained: evaluate_dual_encoder(trained, processor, eval_dataset, config.eval_batch_size)  # noqa: E731
+    validate = (lambda trained: evaluate(trained, processor)) if evaluate is not None else None
     step = DistillStep(student, recipe, config.logit_scale, config.freeze_batchnorm_stats)
-    trained, summary = train(
-        accelerator,
-        step,
-        config,
-        PairBatches(table.counts, config.batch_size, config.seed),
-        collate,
-        evaluate,
-        "distill_student",
-    )
+    batches = PairBatches(table.counts, config.batch_size, config.seed)
+    trained, summary = train(accelerator, step, config, batches, collate, validate, "distill_student")
     if accelerator.is_main_process:
         if config.lora_r > 0:
             trained.save_pretrained(Path(config.output_dir) / "adapter")
             trained = trained.merge_and_unload()
         if config.wise_alpha < 1.0:
-            wise_ft(trained, DCLIPModel.from_pretrained(config.base_model), config.wise_alpha)
+            wise_ft(trained, load_dual_encoder(config.base_model)[0], config.wise_alpha)
         summary |= {"loss_weights": recipe.weights, "parameters": parameter_counts(trained)}
         save_model_atomically(trained, processor, config.output_dir, {"stage": "distill_student", **summary})
     accelerator.wait_for_everyone()

@@ -13,6 +13,7 @@ Two objectives (`TeacherConfig.objective`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -21,18 +22,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..encoding import IMAGE_FEATURES, TEXT_FEATURES, gather_pairs
+from ..feature_store import DatasetBoxes, FeatureStore, region_source_from_config
+from ..loading import load_dual_encoder
 from ..losses import ContrastiveLoss, gather_with_grad
-from ..modeling_dclip import DCLIPModel, DCLIPTeacherModel
+from ..modeling_dclip import DCLIPTeacherModel
 from ..processing_dclip import DCLIPProcessor
 from .batching import PairBatches
 from .checkpointing import save_model_atomically
 from .config import TeacherConfig
 from .data import CaptionTable, load_split
-from .evaluation import evaluate_teacher
-from .features import IMAGE_FEATURES, TEXT_FEATURES, Features, cached, gather_pairs, region_features, text_features
 from .loop import make_accelerator, train
 
 TEACHER_OBJECTIVES = ("pairwise", "paired")
+Features = dict[str, torch.Tensor]
 
 
 def pairwise_contrastive_loss(
@@ -93,11 +96,15 @@ class TeacherStep(nn.Module):
 
 
 def build_teacher(config: TeacherConfig) -> tuple[DCLIPTeacherModel, DCLIPProcessor]:
-    base = DCLIPModel.from_pretrained(config.base_model)
-    processor = DCLIPProcessor.from_pretrained(config.base_model)
-    if config.regions:
+    """The teacher over the frozen `config.base_model`, and its processor, whose `region_config` records where the
+    teacher's regions come from (`config.regions`, or `{"type": "dataset", ...}` with `use_dataset_boxes`): every
+    later use of the teacher (its distillation targets, its evaluation) reads its regions from there."""
+    base, processor = load_dual_encoder(config.base_model)
+    if config.use_dataset_boxes:
+        processor.region_config = DatasetBoxes().to_dict()
+    elif config.regions:
         processor.region_config = dict(config.regions)
-        processor._region_extractor = None
+    processor._region_extractor = None
     teacher = DCLIPTeacherModel.from_backbone(
         base,
         fusion_dim=config.fusion_dim,
@@ -111,49 +118,39 @@ def build_teacher(config: TeacherConfig) -> tuple[DCLIPTeacherModel, DCLIPProces
     return teacher, processor
 
 
-def cached_region_features(teacher, processor, dataset, path: Path | None, use_dataset_boxes: bool) -> Features:
-    return cached(path, lambda: region_features(teacher, processor, dataset, use_dataset_boxes=use_dataset_boxes))
-
-
 def train_teacher(
-    config: TeacherConfig, train_dataset: datasets.Dataset | None = None, eval_dataset: datasets.Dataset | None = None
+    config: TeacherConfig,
+    train_dataset: datasets.Dataset | None = None,
+    evaluate: Callable[[DCLIPTeacherModel, DCLIPProcessor], dict[str, float]] | None = None,
+    store: FeatureStore | None = None,
 ) -> Path:
     """Train the teacher's fusion over the frozen `config.base_model` and save it to `config.output_dir`.
 
-    Region embeddings and text token states of the frozen base are computed once and cached under
-    `config.work_dir`; an epoch then costs only the fusion's forward and backward.
+    Region embeddings and text token states of the frozen base are computed once in the feature store (default
+    `FeatureStore()`); an epoch then costs only the fusion's forward and backward. `evaluate(teacher, processor)`
+    runs after each epoch when given.
     """
     if config.objective not in TEACHER_OBJECTIVES:
         raise ValueError(f"TeacherConfig.objective must be one of {TEACHER_OBJECTIVES}, got {config.objective!r}")
+    store = store if store is not None else FeatureStore()
     accelerator = make_accelerator(config)
     teacher, processor = build_teacher(config)
     train_rows = train_dataset if train_dataset is not None else load_split(config.data, config.train_split)
-    if eval_dataset is None and config.eval_split:
-        eval_dataset = load_split(config.data, config.eval_split)
     table = CaptionTable.from_dataset(train_rows)
-    work = Path(config.work_dir)
+    source = region_source_from_config(processor.region_config)
     with accelerator.main_process_first():
-        regions = cached_region_features(
-            teacher, processor, train_rows, work / "train_regions.safetensors", config.use_dataset_boxes
-        )
-        texts = cached(work / "train_texts.safetensors", lambda: text_features(teacher, processor, table.captions))
-        eval_regions = None
-        if eval_dataset is not None:
-            eval_regions = cached_region_features(
-                teacher, processor, eval_dataset, work / "eval_regions.safetensors", config.use_dataset_boxes
-            )
+        regions = store.region_features(teacher, processor, train_rows, source)
+        texts = store.text_token_features(teacher, processor, table.captions)
 
     def collate(pairs: list[tuple[int, int]]) -> Features:
         rows = torch.tensor([row for row, _ in pairs])
         captions = torch.tensor([caption for _, caption in pairs])
         return gather_pairs(regions, texts, rows, captions)
 
-    evaluate = None
-    if eval_dataset is not None:
-        evaluate = lambda trained: evaluate_teacher(trained, processor, eval_dataset, eval_regions)  # noqa: E731
+    validate = (lambda trained: evaluate(trained, processor)) if evaluate is not None else None
     step = TeacherStep(teacher, config.objective)
     batches = PairBatches(table.counts, config.batch_size, config.seed)
-    trained, summary = train(accelerator, step, config, batches, collate, evaluate, "train_teacher")
+    trained, summary = train(accelerator, step, config, batches, collate, validate, "train_teacher")
     if accelerator.is_main_process:
         save_model_atomically(trained, processor, config.output_dir, {"stage": "train_teacher", **summary})
     accelerator.wait_for_everyone()

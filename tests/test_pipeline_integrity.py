@@ -1,0 +1,150 @@
+"""`dclip run` reuses a finished stage only for the inputs that produced it: seed, data and config changes in one
+output folder recompute exactly what they affect and are recorded as they were; a corrupt photo fixed in place
+resumes without --overwrite; the teacher's regions decide its student's targets; a second run in the same folder is
+refused. Real runs on real photos (Flickr8k-1k from ../shared) with the tiny preset."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from modeling_dclip import DCLIPProcessor, DCLIPTeacherModel
+from modeling_dclip.cli import main
+from modeling_dclip.data.spec import load_dataset_spec
+from modeling_dclip.feature_store import FeatureStore
+from modeling_dclip.training.data import CaptionTable
+
+FLICKR_1K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-1k"
+pytestmark = pytest.mark.skipif(
+    not (FLICKR_1K / "dataset_flickr8k_1k.json").is_file(), reason=f"{FLICKR_1K} (shared real photos) is absent"
+)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """A Karpathy-format subset of Flickr8k-1k, copied (16 train, 8 val, 8 test photos) so tests may damage it."""
+    source = json.loads((FLICKR_1K / "dataset_flickr8k_1k.json").read_text())
+    wanted = {"train": 16, "val": 8, "test": 8}
+    kept = []
+    for entry in source["images"]:
+        if wanted.get(entry["split"], 0) > 0:
+            wanted[entry["split"]] -= 1
+            kept.append(entry)
+    folder = tmp_path_factory.mktemp("photos")
+    (folder / "images").mkdir()
+    for entry in kept:
+        shutil.copy(FLICKR_1K / "images" / entry["filename"], folder / "images" / entry["filename"])
+    (folder / "dataset_photos.json").write_text(json.dumps({"dataset": "flickr8k", "images": kept}))
+    return folder
+
+
+def dclip_run(capsys, *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main(["run", "--preset", "tiny", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def record(folder: Path) -> dict:
+    return json.loads((folder / "stage.json").read_text())
+
+
+@pytest.mark.slow
+def test_seed_config_and_data_changes_recompute_what_they_affect(photos, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ("--data", str(photos), "--output-dir", str(out))
+    code, log, err = dclip_run(capsys, *common)
+    assert code == 0, err
+    first = json.loads((out / "results.json").read_text())
+    assert first["stages"]["student"]["config"]["seed"] == 0
+
+    # Another seed: every training stage and evaluation is recomputed, and says why.
+    code, log, err = dclip_run(capsys, *common, "--seed", "1")
+    assert code == 0, err
+    for stage in ("align_base", "train_teacher", "distill_student"):
+        assert re.search(rf"{stage}: inputs changed \([^)]*config\.seed", log), log
+    results = json.loads((out / "results.json").read_text())
+    assert {results["stages"][name]["config"]["seed"] for name in ("base", "teacher", "student")} == {1}
+    assert record(out / "student")["inputs"]["config"]["seed"] == 1
+
+    # Other loss weights: only the student (and its evaluation) is recomputed; the record holds the new weights.
+    config = tmp_path / "weights.yaml"
+    config.write_text(yaml.safe_dump({"distill": {"loss_weights": {"contrastive": 1.0, "image_distill": 0.5}}}))
+    code, log, err = dclip_run(capsys, *common, "--seed", "1", "--config", str(config))
+    assert code == 0, err
+    assert "align_base: reusing" in log and "train_teacher: reusing" in log and "evaluate_teacher: reusing" in log
+    assert re.search(r"distill_student: inputs changed \(config\.loss_weights", log), log
+    assert "evaluate_student: inputs changed (model)" in log
+    results = json.loads((out / "results.json").read_text())
+    assert results["stages"]["student"]["config"]["loss_weights"] == {"contrastive": 1.0, "image_distill": 0.5}
+    assert results["stages"]["teacher"]["config"]["seed"] == 1
+    assert json.loads((out / "student" / "training_complete.json").read_text())["loss_weights"] == {
+        "contrastive": 1.0,
+        "image_distill": 0.5,
+    }
+
+    # A test photo corrupted in place: evaluation fails naming it, finished models are kept and reused.
+    test_photo = next(
+        photos / "images" / entry["filename"]
+        for entry in json.loads((photos / "dataset_photos.json").read_text())["images"]
+        if entry["split"] == "test"
+    )
+    original = test_photo.read_bytes()
+    test_photo.write_bytes(original[: len(original) // 3])
+    try:
+        code, log, err = dclip_run(capsys, *common, "--seed", "1", "--config", str(config))
+        assert code == 1
+        assert "stage 'evaluate_base' failed" in err and test_photo.name in err
+        assert "distill_student: reusing" in log
+    finally:
+        test_photo.write_bytes(original)
+    # Fixed: the same command resumes, without --overwrite, and finishes.
+    code, log, err = dclip_run(capsys, *common, "--seed", "1", "--config", str(config))
+    assert code == 0, err
+    assert "distill_student: reusing" in log and "evaluate_base: running" in log
+    assert set(json.loads((out / "results.json").read_text())["models"]) == {"base", "teacher", "student"}
+
+    # The student was distilled against the teacher's own regions: asking the store for the teacher's targets on
+    # the training photos finds the entry the distillation wrote, keyed by the regions the teacher records.
+    store = FeatureStore()
+    teacher = DCLIPTeacherModel.from_pretrained(out / "teacher")
+    processor = DCLIPProcessor.from_pretrained(out / "teacher")
+    assert processor.region_config == results["dataset"]["regions"] and processor.region_config["type"] == "grid"
+    train = load_dataset_spec(str(photos)).filter(lambda split: split == "train", input_columns="split")
+    table = CaptionTable.from_dataset(train)
+    before = sorted((store.root / "teacher_targets").glob("*.safetensors"))
+    store.teacher_targets(teacher, processor, train, table.captions, table.caption_to_image)
+    assert sorted((store.root / "teacher_targets").glob("*.safetensors")) == before
+    with safe_open(str(before[-1]), "pt") as entry:
+        assert '"type": "grid"' in entry.metadata()["parts"]
+
+
+def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "modeling_dclip.cli", "run", "--preset", "tiny", "--output-dir", str(out)]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        lock = out / ".dclip-run.lock"
+        deadline = time.time() + 120
+        while not (lock.is_file() and lock.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.1)
+        assert lock.read_text().strip() == str(first.pid)
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 3
+        assert f"another dclip run (pid {first.pid})" in second.stderr and str(out) in second.stderr
+    finally:
+        first.send_signal(signal.SIGINT)
+        _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 130 and "rerun to resume" in stderr
