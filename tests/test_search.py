@@ -6,6 +6,7 @@ the teacher's own pairwise score."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import os
@@ -24,8 +25,9 @@ from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
 
 from modeling_dclip import EMBEDDED_TEXT, DCLIPConfig, DCLIPModel, DCLIPProcessor, DCLIPTeacherModel
 from modeling_dclip.cli import main
-from modeling_dclip.evaluation.model_eval import encode_texts
-from modeling_dclip.search.index import CHUNKS_FOLDER, SearchIndex, build_faiss_index, load_index
+from modeling_dclip.encoding import encode_texts
+from modeling_dclip.feature_store import FeatureStore
+from modeling_dclip.search.index import SearchIndex, build_faiss_index, load_index
 from modeling_dclip.search.rerank import TeacherReranker
 from modeling_dclip.towers import load_tokenizer
 
@@ -86,10 +88,16 @@ def gallery(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def indexed(saved, gallery, tmp_path_factory) -> tuple[Path, str]:
+def store(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("feature-store")
+
+
+@pytest.fixture(scope="module")
+def indexed(saved, gallery, store, tmp_path_factory) -> tuple[Path, str]:
     """`dclip index` over the gallery (in this process: the subprocess run is the kill -9 test's); its stderr."""
     output = tmp_path_factory.mktemp("index") / "gallery-index"
     arguments = ["index", "--model", str(saved["student"]), "--images", str(gallery), "--output", str(output)]
+    arguments += ["--feature-store", str(store)]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
         assert main(arguments + ["--batch-size", "5", "--chunk-size", "4"]) == 0
@@ -171,14 +179,14 @@ def test_search_errors_name_the_problem(indexed, tmp_path, capsys):
     assert "--rerank needs a text query" in capsys.readouterr().err
 
 
-def test_rerank_orders_candidates_by_the_teachers_pair_score(saved, indexed, capsys):
+def test_rerank_orders_candidates_by_the_teachers_pair_score(saved, indexed, store, capsys):
     output, _ = indexed
     index = load_index(output)
     teacher = DCLIPTeacherModel.from_pretrained(saved["teacher"]).eval()
     processor = DCLIPProcessor.from_pretrained(saved["teacher"])
     paths = index.items["path"]
-    reranker = TeacherReranker.for_gallery(teacher, processor, paths, output / "rerank")
-    assert list((output / "rerank").glob("region-embeddings-*.safetensors"))  # cached for the next query
+    reranker = TeacherReranker.for_gallery(teacher, processor, paths, FeatureStore(store))
+    assert list((store / "region_features").glob("*.safetensors"))  # kept for the next query
 
     student_model = DCLIPModel.from_pretrained(saved["student"]).eval()
     query = encode_texts(student_model, processor, [QUERIES[0]])
@@ -199,7 +207,7 @@ def test_rerank_orders_candidates_by_the_teachers_pair_score(saved, indexed, cap
     assert list(ids) != list(candidates[0]), "the teacher should reorder this student's top-8"
 
     assert main(["search", "--index", str(output), QUERIES[0], "-k", "8", "--rerank", str(saved["teacher"])]
-                + ["--rerank-k", "8", "--json"]) == 0  # fmt: skip
+                + ["--rerank-k", "8", "--json", "--feature-store", str(store)]) == 0  # fmt: skip
     printed = json.loads(capsys.readouterr().out)["results"]
     assert [result["id"] for result in printed] == ids.tolist()
     np.testing.assert_allclose([result["teacher_score"] for result in printed], scores, atol=1e-5)
@@ -210,25 +218,27 @@ def test_index_resumes_after_kill_9(saved, tmp_path):
     write_gallery(images, 30, seed=3)
     arguments = ["index", "--model", str(saved["student"]), "--images", str(images), "--batch-size", "1"]
     arguments += ["--chunk-size", "1"]
+    store = str(tmp_path / "store")
+    chunks = f"{store}/image_embeddings/*.chunks/*.safetensors"
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(
-        [sys.executable, "-m", "modeling_dclip.cli", *arguments, "--output", str(killed)],
+        [sys.executable, "-m", "modeling_dclip.cli", *arguments, "--output", str(killed), "--feature-store", store],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
-    while not list(killed.glob(f"{CHUNKS_FOLDER}/*/chunk-*.safetensors")):
+    while not glob.glob(chunks):
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.002)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    done_before = len(list(killed.glob(f"{CHUNKS_FOLDER}/*/chunk-*.safetensors")))
+    done_before = len(glob.glob(chunks))
     assert 0 < done_before < 30 and not (killed / "index.json").exists()
 
-    assert main([*arguments, "--output", str(killed)]) == 0  # the same command again: it resumes
-    whole = tmp_path / "whole"
-    assert main([*arguments, "--output", str(whole)]) == 0
+    assert main([*arguments, "--output", str(killed), "--feature-store", store]) == 0  # the same command: it resumes
+    whole = tmp_path / "whole"  # an uninterrupted run, with a store of its own
+    assert main([*arguments, "--output", str(whole), "--feature-store", str(tmp_path / "other-store")]) == 0
     resumed, uninterrupted = load_index(killed), load_index(whole)
     assert torch.equal(resumed.embeddings, uninterrupted.embeddings) and len(resumed) == 30
     assert resumed.items["path"] == uninterrupted.items["path"]

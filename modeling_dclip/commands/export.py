@@ -26,12 +26,13 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from ..evaluation.model_eval import is_teacher, load_model_for_evaluation
+    from ..loading import load_model_and_processor
+    from ..modeling_dclip import DCLIPTeacherModel
     from ..onnx_export import export_onnx, onnx_parity
 
     try:
-        model, processor = load_model_for_evaluation(args.model, device="cpu")
-        if is_teacher(model):
+        model, processor = load_model_and_processor(args.model, device="cpu")
+        if isinstance(model, DCLIPTeacherModel):
             raise ValueError(f"--model {args.model}: a DCLIP teacher scores pairs; export its student instead")
     except (ValueError, FileNotFoundError) as error:
         print(f"dclip export: error: {error}", file=sys.stderr)

@@ -26,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--rerank-k", type=int, default=50, help="candidates the teacher re-scores (default: %(default)s)"
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--feature-store", help="feature store folder (default: $DCLIP_FEATURE_STORE, else ~/.cache/dclip/features)"
+    )
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.set_defaults(func=run)
 
@@ -46,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> dict:
-    import datasets
     import numpy as np
 
-    from ..evaluation.model_eval import encode_images, encode_texts, load_model_for_evaluation
+    from ..encoding import encode_images, encode_texts
+    from ..loading import load_model_and_processor
     from ..search.index import load_index
 
     if args.k < 1 or args.rerank_k < 1:
@@ -60,15 +63,9 @@ def _search(args: argparse.Namespace) -> dict:
     model_name = args.model or index.info.get("model")
     if not model_name:
         raise ValueError(f"{args.index}: the index does not name its model; give --model")
-    model, processor = load_model_for_evaluation(model_name, device=args.device)
+    model, processor = load_model_and_processor(model_name, device=args.device)
     if args.image:
-        from ..search.index import open_gallery_image
-
-        open_gallery_image({"path": args.image, "bytes": None}, args.image)
-        table = datasets.Dataset.from_dict(
-            {"image": [args.image]}, features=datasets.Features({"image": datasets.Image()})
-        )
-        query = encode_images(model, processor, table)
+        query = encode_images(model, processor, [args.image])
     else:
         if not args.text.strip():
             raise ValueError("the text query is empty")
@@ -82,9 +79,11 @@ def _search(args: argparse.Namespace) -> dict:
     scores, ids = scores[0], ids[0]
     teacher_scores = None
     if args.rerank:
+        from ..feature_store import FeatureStore
         from ..search.rerank import load_reranker
 
-        reranker = load_reranker(args.rerank, args.index, index.items["path"], device=args.device)
+        store = FeatureStore(args.feature_store)
+        reranker = load_reranker(args.rerank, index.items["path"], store, device=args.device)
         student = dict(zip(ids.tolist(), scores.tolist()))
         reranked, teacher_scores = reranker.rerank(args.text, ids[: args.rerank_k])
         # Beyond the re-ranked candidates the student's order stands.

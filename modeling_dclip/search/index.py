@@ -9,16 +9,17 @@ An index folder holds:
 - `items.parquet`: the id -> `path` / `captions` table (written and read through `datasets`);
 - `index.json`: what made it (model, settings, the images that could not be read) - written last, so a folder with
   an `index.json` is complete;
-- `chunks/`: the embeddings of `build_index`, computed in chunks that are kept, so that a killed build resumes.
+
+`build_index` embeds the gallery through the feature store (`FeatureStore.image_embeddings`): in chunks that are kept
+on disk, so that a build killed midway continues where it stopped when run again.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,22 +28,22 @@ import datasets
 import faiss
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_path, save_safetensors_atomically, write_json_atomically
+from ..encoding import load_images_at
+from ..feature_store import FeatureStore
 
 INDEX_FORMAT_VERSION = 1
 # Above this many images, an exact search costs more than ~10 ms per query on a CPU: IVF-PQ is the default.
 EXACT_LIMIT = 100_000
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-EMBEDDINGS_FILE, FAISS_FILE, ITEMS_FILE, INFO_FILE, CHUNKS_FOLDER = (
+EMBEDDINGS_FILE, FAISS_FILE, ITEMS_FILE, INFO_FILE = (
     "embeddings.safetensors",
     "index.faiss",
     "items.parquet",
     "index.json",
-    "chunks",
 )
 ITEM_FEATURES = datasets.Features(
     {
@@ -99,24 +100,33 @@ def gallery_items(images: str | os.PathLike) -> GalleryItems:
     return GalleryItems(names, [dict(source) for source in sources], [list(c) for c in captions])
 
 
-def open_gallery_image(source: dict[str, Any], name: str) -> Image.Image:
+def check_gallery_images(items: GalleryItems, progress: bool | None = None) -> tuple[list[int], list[str]]:
     """
-    One gallery image, fully decoded, as RGB.
+    Read every image of `items` once (`processing_dclip.load_image`'s checks).
 
-    Raises:
-        `ValueError` naming the image when it is missing or not a readable image.
+    Returns:
+        `(readable, problems)`: the positions of the readable images, and one message per other image naming it and
+        saying why it cannot be used.
     """
-    import io
+    table = gallery_table(items)
+    readable, problems = [], []
+    for row in tqdm(
+        range(len(items)), desc="Checking images", unit="img", disable=None if progress is None else not progress
+    ):
+        try:
+            load_images_at(table, [row])
+            readable.append(row)
+        except (ValueError, FileNotFoundError) as error:
+            problems.append(str(error))  # names the file (or the row, for an image stored as bytes)
+    return readable, problems
 
-    try:
-        data = source.get("bytes")
-        with Image.open(io.BytesIO(data) if data is not None else source["path"]) as image:
-            image.load()
-            return image.convert("RGB")
-    except FileNotFoundError as error:
-        raise ValueError(f"{name}: no such file") from error
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{name}: not a readable image ({type(error).__name__}: {error})") from error
+
+def gallery_table(items: GalleryItems, rows: Sequence[int] | None = None) -> datasets.Dataset:
+    """The images of `items` (or of its `rows`) as a `datasets.Dataset` with an undecoded `image` column."""
+    sources = items.sources if rows is None else [items.sources[row] for row in rows]
+    return datasets.Dataset.from_dict(
+        {"image": sources}, features=datasets.Features({"image": datasets.Image(decode=False)})
+    )
 
 
 def _exact_or_ivfpq(num_vectors: int, ivf_pq: bool | None) -> bool:
@@ -265,84 +275,6 @@ def load_index(folder: str | os.PathLike) -> SearchIndex:
     return SearchIndex(embeddings, index, items, info)
 
 
-def _gallery_key(model_digest: str, processor_settings: dict, items: GalleryItems, chunk_size: int) -> str:
-    """Identity of a gallery embedding: the model's weights, the preprocessing, every image (path, size and
-    modification time, or its bytes' digest) and the chunk size."""
-    digest = hashlib.blake2b(digest_size=12)
-    digest.update(
-        json.dumps([INDEX_FORMAT_VERSION, model_digest, processor_settings, chunk_size], default=str).encode()
-    )
-    for name, source in zip(items.names, items.sources):
-        if source.get("bytes") is not None:
-            identity = hashlib.blake2b(source["bytes"], digest_size=12).hexdigest()
-        else:
-            try:
-                stat = os.stat(source["path"])
-                identity = f"{stat.st_size}:{stat.st_mtime_ns}"
-            except OSError:
-                identity = "missing"
-        digest.update(f"{name}|{identity}\n".encode())
-    return digest.hexdigest()
-
-
-def embed_gallery(
-    encode: Callable[[list[dict[str, Any]]], torch.Tensor],
-    items: GalleryItems,
-    chunk_dir: str | os.PathLike,
-    chunk_size: int = 512,
-    progress: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """
-    Embed every readable image of `items`, one chunk of `chunk_size` images at a time; each finished chunk is kept
-    in `chunk_dir` (a safetensors file), so that a run killed midway and started again embeds only what is left.
-
-    Args:
-        encode: image sources (`{"path", "bytes"}`, all readable) -> L2-normalised embeddings `[n, D]`.
-        chunk_dir: this gallery's chunk folder (its name must identify the model and the images).
-        progress: a progress bar (`None`: only on a terminal).
-
-    Returns:
-        `(embeddings [n_readable, D] float32, rows [n_readable] int64 (positions in items), problems)`, where
-        `problems` names each image that could not be read, and why.
-    """
-    chunk_dir = Path(chunk_dir)
-    parts, problems = [], []
-    bar = tqdm(
-        total=len(items), desc="Embedding images", unit="img", disable=None if progress is None else not progress
-    )
-    for number, start in enumerate(range(0, len(items), chunk_size)):
-        stop = min(start + chunk_size, len(items))
-        chunk_file = chunk_dir / f"chunk-{number:06d}.safetensors"
-        if chunk_file.is_file():
-            chunk = load_file(str(chunk_file))
-        else:
-            readable = []
-            for row in range(start, stop):
-                try:
-                    open_gallery_image(items.sources[row], items.names[row])
-                    readable.append(row)
-                except ValueError:
-                    pass  # named below, from the chunk's `rows`, whether computed now or read back
-            embeds = encode([items.sources[row] for row in readable]) if readable else torch.zeros(0, 0)
-            chunk = {"embeddings": embeds.float().contiguous(), "rows": torch.tensor(readable, dtype=torch.long)}
-            save_safetensors_atomically(chunk_file, chunk)
-        kept = set(chunk["rows"].tolist())
-        for row in range(start, stop):
-            if row not in kept:
-                try:
-                    open_gallery_image(items.sources[row], items.names[row])
-                    problems.append(f"{items.names[row]}: could not be read when its chunk was embedded")
-                except ValueError as error:
-                    problems.append(str(error))
-        if len(chunk["rows"]):
-            parts.append(chunk)
-        bar.update(stop - start)
-    bar.close()
-    if not parts:
-        raise ValueError("no readable image in the gallery: " + "; ".join(problems[:10]))
-    return torch.cat([part["embeddings"] for part in parts]), torch.cat([part["rows"] for part in parts]), problems
-
-
 def build_index(
     model,
     processor,
@@ -350,14 +282,19 @@ def build_index(
     output: str | os.PathLike,
     *,
     batch_size: int = 64,
-    chunk_size: int = 512,
+    chunk_size: int = 1024,
     ivf_pq: bool | None = None,
+    store: FeatureStore | None = None,
     info: dict[str, Any] | None = None,
     progress: bool | None = None,
 ) -> SearchIndex:
     """
     Embed the gallery `images` (a folder or a dataset spec, see `gallery_items`) with a dual encoder, index it and
-    save the index folder `output`. Resumable: finished chunks of embeddings are kept in `output/chunks/`.
+    save the index folder `output`.
+
+    Images that cannot be read are skipped and named in `info["skipped"]`. The embeddings go through the feature
+    store (`FeatureStore.image_embeddings`, default `FeatureStore()`) in chunks of `chunk_size` images that are kept,
+    so that a build killed midway resumes where it stopped.
 
     Args:
         model, processor: a dual encoder (`DCLIPModel`, `CLIPModel`, ...) and its processor.
@@ -365,26 +302,20 @@ def build_index(
         info: extra entries for `index.json` (e.g. the model's name).
 
     Returns:
-        The saved `SearchIndex`; its `info["skipped"]` names the images that could not be read.
+        The saved `SearchIndex`.
     """
-    from ..data.region_cache import model_weights_digest
-    from ..evaluation.model_eval import encode_images
-
     gallery = gallery_items(images)
-    key = _gallery_key(model_weights_digest(model), processor.image_processor.to_dict(), gallery, chunk_size)
-
-    def encode(sources: list[dict[str, Any]]) -> torch.Tensor:
-        table = datasets.Dataset.from_dict({"image": sources}, features=datasets.Features({"image": datasets.Image()}))
-        return encode_images(model, processor, table, batch_size=batch_size)
-
-    embeddings, rows, problems = embed_gallery(
-        encode, gallery, Path(output) / CHUNKS_FOLDER / key, chunk_size, progress
+    readable, problems = check_gallery_images(gallery, progress)
+    if not readable:
+        raise ValueError(f"{images}: no readable image: " + "; ".join(problems[:10]))
+    store = store if store is not None else FeatureStore()
+    embeddings = store.image_embeddings(
+        model, processor, gallery_table(gallery, readable), batch_size=batch_size, chunk_size=chunk_size
     )
-    kept = rows.tolist()
     index = SearchIndex.from_embeddings(
         embeddings,
-        [gallery.names[row] for row in kept],
-        [gallery.captions[row] for row in kept],
+        [gallery.names[row] for row in readable],
+        [gallery.captions[row] for row in readable],
         ivf_pq=ivf_pq,
         info={**(info or {}), "images": os.fspath(images), "skipped": problems},
     )
@@ -398,9 +329,9 @@ __all__ = [
     "SearchIndex",
     "build_faiss_index",
     "build_index",
-    "embed_gallery",
+    "check_gallery_images",
+    "gallery_table",
     "gallery_items",
     "ivfpq_settings",
     "load_index",
-    "open_gallery_image",
 ]

@@ -3,25 +3,22 @@ The DCLIP teacher as a re-ranker of a dual encoder's top-k (retrieve, then re-ra
 
 The student ranks the whole gallery by one inner product per image; the teacher reads a text together with an
 image's regions (cross-attention), which is too slow for a whole gallery but affordable for the student's top-k.
-The frozen base's region embeddings of every gallery image are computed once and cached on disk (content-keyed,
-see `modeling_dclip.data.region_cache`); a query then costs one pass of the base text tower and `k` fusions.
+The frozen base's region features of every gallery image are computed once and kept in the feature store
+(`FeatureStore.region_features`, content-keyed); a query then costs one pass of the base text tower and `k` fusions.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 
-from ..data.region_cache import RegionSource
-from ..evaluation.model_eval import TEACHER_IMAGE_KEYS, teacher_region_features, teacher_text_features
+from ..encoding import IMAGE_FEATURES, text_token_features
+from ..feature_store import FeatureStore, RegionSource, region_source_from_config
 from ..modeling_dclip import DCLIPTeacherModel
-
-RERANK_CACHE_FOLDER = "rerank"
 
 
 @dataclass
@@ -44,27 +41,20 @@ class TeacherReranker:
         cls,
         teacher: DCLIPTeacherModel,
         processor,
-        image_paths: list[str],
-        cache_dir: str | os.PathLike,
+        image_paths: Sequence[str],
+        store: FeatureStore | None = None,
         region_source: RegionSource | None = None,
         batch_size: int = 16,
     ) -> TeacherReranker:
         """
-        The teacher over the gallery `image_paths` (in id order); the regions (default: the processor's own region
-        extractor) and their base embeddings are computed on the first call and read from `cache_dir` afterwards.
-
-        Raises:
-            `FileNotFoundError` naming the first gallery image that is not a file (the teacher reads the pixels).
+        The teacher over the gallery `image_paths` (in id order). Its regions (default: those the teacher was
+        trained with, its processor's `region_config`) and their base embeddings are computed on the first call and
+        read from the feature store (default `FeatureStore()`) afterwards.
         """
-        missing = next((path for path in image_paths if not Path(path).is_file()), None)
-        if missing is not None:
-            raise FileNotFoundError(f"{missing}: the teacher re-reads each gallery image, and this one is not a file")
-        gallery = datasets.Dataset.from_dict(
-            {"image": list(image_paths)}, features=datasets.Features({"image": datasets.Image()})
-        )
-        teacher.eval()
-        features = teacher_region_features(teacher, processor, gallery, region_source, cache_dir, batch_size)
-        return cls(teacher, processor, {key: features[key] for key in TEACHER_IMAGE_KEYS})
+        source = region_source if region_source is not None else region_source_from_config(processor.region_config)
+        store = store if store is not None else FeatureStore()
+        features = store.region_features(teacher.eval(), processor, list(image_paths), source, batch_size)
+        return cls(teacher, processor, {key: features[key] for key in IMAGE_FEATURES})
 
     @torch.no_grad()
     def score(self, text: str, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -72,8 +62,10 @@ class TeacherReranker:
         `ids [k]`: `[k]` float32."""
         ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
         device = next(self.teacher.parameters()).device
-        images = {key: self.features[key][ids].to(device) for key in TEACHER_IMAGE_KEYS}
-        texts = teacher_text_features(self.teacher, self.processor, [text])
+        images = {key: self.features[key][ids].to(device) for key in IMAGE_FEATURES}
+        texts = {
+            key: value.to(device) for key, value in text_token_features(self.teacher, self.processor, [text]).items()
+        }
         return self.teacher.score_pairs(**images, **texts)[0].float().cpu()
 
     def rerank(self, text: str, ids: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -91,25 +83,21 @@ class TeacherReranker:
 
 def load_reranker(
     teacher: str | os.PathLike,
-    index_folder: str | os.PathLike,
-    image_paths: list[str],
-    region_source: RegionSource | None = None,
+    image_paths: Sequence[str],
+    store: FeatureStore | None = None,
     device: str | None = None,
 ) -> TeacherReranker:
-    """A saved teacher (folder or Hub id) over the gallery of the index at `index_folder`, its region features
-    cached in `index_folder/rerank/`.
+    """A saved teacher (folder or Hub id) over the gallery `image_paths` (see `TeacherReranker.for_gallery`).
 
     Raises:
         `ValueError` naming `teacher` when it is not a DCLIP teacher.
     """
-    from ..evaluation.model_eval import load_model_for_evaluation
+    from ..loading import load_model_and_processor
 
-    model, processor = load_model_for_evaluation(teacher, device=device)
+    model, processor = load_model_and_processor(teacher, device=device)
     if not isinstance(model, DCLIPTeacherModel):
         raise ValueError(f"{teacher}: a {type(model).__name__}, not a DCLIP teacher; re-ranking needs a teacher")
-    return TeacherReranker.for_gallery(
-        model, processor, image_paths, Path(index_folder) / RERANK_CACHE_FOLDER, region_source
-    )
+    return TeacherReranker.for_gallery(model, processor, image_paths, store)
 
 
-__all__ = ["RERANK_CACHE_FOLDER", "TeacherReranker", "load_reranker"]
+__all__ = ["TeacherReranker", "load_reranker"]
