@@ -38,6 +38,8 @@ from ..feature_store import FeatureStore
 INDEX_FORMAT_VERSION = 1
 # Above this many images, an exact search costs more than ~10 ms per query on a CPU: IVF-PQ is the default.
 EXACT_LIMIT = 100_000
+# IVF-PQ returns this many times k candidates, re-scored exactly against the stored embeddings.
+RESCORE_FACTOR = 10
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 EMBEDDINGS_FILE, FAISS_FILE, ITEMS_FILE, INFO_FILE = (
     "embeddings.safetensors",
@@ -135,15 +137,15 @@ def _exact_or_ivfpq(num_vectors: int, ivf_pq: bool | None) -> bool:
 
 def ivfpq_settings(num_vectors: int, dim: int) -> dict[str, int]:
     """
-    IVF-PQ settings for `num_vectors` vectors of width `dim`: `nlist` ~ 4 sqrt(N) lists (at least 39 training
-    points each), `m` sub-quantisers of 4 dimensions (or fewer when `dim` is not divisible), `nbits` 8 bits per code
-    (fewer for tiny galleries, which could not train 256 centroids), `nprobe` lists visited per query, and
-    `train_size` the sample the quantisers are trained on.
+    IVF-PQ settings for `num_vectors` vectors of width `dim`: `nlist` ~ sqrt(N) inverted lists (at least 39 training
+    points each), `m` sub-quantisers of 8 dimensions (fewer when `dim` is not divisible by 8), `nbits` 8 bits per
+    code (fewer for tiny galleries, which could not train 256 centroids), `nprobe` lists visited per query, and
+    `train_size` the random sample the coarse and product quantisers are trained on (50 points per centroid).
     """
-    nlist = max(1, min(int(4 * math.sqrt(num_vectors)), num_vectors // 39))
-    m = next(m for m in (dim // 4, dim // 2, dim // 8, dim // 16, 1) if m >= 1 and dim % m == 0)
+    nlist = max(1, min(int(math.sqrt(num_vectors)), num_vectors // 39))
+    m = next(m for m in (dim // 8, dim // 4, dim // 2, dim, 1) if m >= 1 and dim % m == 0)
     nbits = max(1, min(8, int(math.log2(max(2, num_vectors // 4)))))
-    train_size = min(num_vectors, max(nlist * 64, 256 * 64))
+    train_size = min(num_vectors, 50 * max(nlist, 2**nbits))
     return {"nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(nlist, 32), "train_size": train_size}
 
 
@@ -225,7 +227,7 @@ class SearchIndex:
         return cls(embeddings, index, items, info)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return self.embeddings.shape[0]
 
     def search(self, queries: torch.Tensor | np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """
@@ -235,13 +237,23 @@ class SearchIndex:
             queries: `[Q, D]` (or `[D]`) query embeddings in the gallery's space.
 
         Returns:
-            `(scores, ids)`, both `[Q, min(k, N)]`, best first; `scores` are inner products (cosine similarity
-            for the exact index, its PQ approximation for IVF-PQ).
+            `(scores, ids)`, both `[Q, min(k, N)]`, best first; `scores` are the exact inner products (cosine
+            similarity). An IVF-PQ index proposes `RESCORE_FACTOR * k` candidates, re-scored against the stored
+            embeddings; an id of -1 means fewer than `k` candidates were found.
         """
-        vectors = torch.as_tensor(queries).float().reshape(-1, self.embeddings.shape[1]).numpy()
+        vectors = torch.as_tensor(queries).float().reshape(-1, self.embeddings.shape[1])
         k = max(1, min(int(k), len(self)))
-        scores, ids = self.index.search(np.ascontiguousarray(vectors), k)
-        return scores, ids
+        if self.info["index"]["type"] == "flat":
+            return self.index.search(np.ascontiguousarray(vectors.numpy()), k)
+        # IVF-PQ proposes candidates; their exact scores come from the stored embeddings.
+        _, candidates = self.index.search(np.ascontiguousarray(vectors.numpy()), min(len(self), RESCORE_FACTOR * k))
+        candidates = torch.from_numpy(candidates)
+        found = candidates >= 0
+        exact = torch.einsum("qd,qcd->qc", vectors, self.embeddings[candidates.clamp(min=0)].float())
+        exact = exact.masked_fill(~found, float("-inf"))
+        scores, order = exact.topk(k, dim=1)
+        ids = candidates.gather(1, order).masked_fill(scores == float("-inf"), -1)
+        return scores.numpy(), ids.numpy()
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the index folder (see the module docstring); `index.json` last."""

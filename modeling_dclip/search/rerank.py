@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..encoding import IMAGE_FEATURES, text_token_features
+from ..encoding import IMAGE_FEATURES, gather_pairs, text_token_features
 from ..feature_store import FeatureStore, RegionSource, region_source_from_config
 from ..modeling_dclip import DCLIPTeacherModel
 
@@ -57,18 +57,60 @@ class TeacherReranker:
         return cls(teacher, processor, {key: features[key] for key in IMAGE_FEATURES})
 
     @torch.no_grad()
-    def score(self, text: str, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """The teacher's score (cosine similarity of its enriched embeddings) of `text` with each gallery item of
-        `ids [k]`: `[k]` float32."""
+    def score(self, text: str | dict[str, torch.Tensor], ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """
+        The teacher's score (cosine similarity of its enriched embeddings) of one text with each gallery item of
+        `ids [k]`.
+
+        Args:
+            text: the query, or its `encoding.text_token_features` (`text_states [1, T, H]`, `attention_mask
+                [1, T]`, `text_embeds [1, D]`).
+
+        Returns:
+            `[k]` float32.
+        """
         ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
         device = next(self.teacher.parameters()).device
+        if isinstance(text, str):
+            text = text_token_features(self.teacher, self.processor, [text])
         images = {key: self.features[key][ids].to(device) for key in IMAGE_FEATURES}
-        texts = {
-            key: value.to(device) for key, value in text_token_features(self.teacher, self.processor, [text]).items()
-        }
+        texts = {key: value.to(device) for key, value in text.items()}
         return self.teacher.score_pairs(**images, **texts)[0].float().cpu()
 
-    def rerank(self, text: str, ids: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    @torch.no_grad()
+    def score_batch(
+        self, texts: dict[str, torch.Tensor], ids: np.ndarray | torch.Tensor, pairs_per_step: int = 4096
+    ) -> torch.Tensor:
+        """
+        The teacher's scores of many queries with their own candidates, for offline evaluation: query `q` with the
+        gallery items `ids[q]`.
+
+        Args:
+            texts: `encoding.text_token_features` of the `Q` queries.
+            ids: `[Q, k]` candidate ids per query.
+
+        Returns:
+            `[Q, k]` float32.
+        """
+        ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
+        queries, k = ids.shape
+        device = next(self.teacher.parameters()).device
+        image_rows, text_rows = ids.reshape(-1), torch.arange(queries).repeat_interleave(k)
+        scores = []
+        for start in range(0, len(image_rows), pairs_per_step):
+            pairs = gather_pairs(
+                self.features,
+                texts,
+                image_rows[start : start + pairs_per_step],
+                text_rows[start : start + pairs_per_step],
+            )
+            image, text, _ = self.teacher.fuse(**{key: value.to(device) for key, value in pairs.items()})
+            scores.append((image * text).sum(dim=-1).float().cpu())
+        return torch.cat(scores).view(queries, k)
+
+    def rerank(
+        self, text: str | dict[str, torch.Tensor], ids: np.ndarray | torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray]:
         """
         Re-order the candidates `ids [k]` (e.g. the student's top-k for `text`) by the teacher's score.
 
