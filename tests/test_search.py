@@ -120,14 +120,20 @@ def test_exact_index_order_equals_brute_force():
 def test_ivfpq_index_finds_most_exact_neighbours():
     rng = np.random.default_rng(1)
     vectors = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((2000, 16), dtype=np.float32)), dim=1)
-    index, settings = build_faiss_index(vectors, ivf_pq=True)
-    assert settings["type"] == "ivfpq" and index.ntotal == 2000
-    queries = vectors[:50].numpy()
-    _, ids = index.search(queries, 10)
-    exact = (vectors[:50] @ vectors.T).topk(10, dim=1).indices.numpy()
+    faiss_index, settings = build_faiss_index(vectors, ivf_pq=True)
+    assert settings["type"] == "ivfpq" and faiss_index.ntotal == 2000
+
+    index = SearchIndex.from_embeddings(vectors, [f"{i}.jpg" for i in range(2000)], ivf_pq=True)
+    queries = vectors[:50] + 0.05 * torch.from_numpy(rng.standard_normal((50, 16), dtype=np.float32))
+    scores, ids = index.search(queries, k=10)
+    exact = (queries @ index.embeddings.float().T).topk(10, dim=1).indices.numpy()
     recall = np.mean([len(set(found) & set(true)) / 10 for found, true in zip(ids, exact)])
     assert recall > 0.5, recall
-    assert (ids[:, 0] == np.arange(50)).mean() > 0.8  # each vector finds itself first
+    assert (ids[:, 0] == np.arange(50)).mean() > 0.8  # each perturbed vector finds its own first
+    # The candidates' scores are exact inner products, best first.
+    expected = torch.einsum("qd,qkd->qk", queries, index.embeddings[torch.from_numpy(ids)].float())
+    np.testing.assert_allclose(scores, expected.numpy(), atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 0).all()
 
 
 def test_index_command_embeds_indexes_and_names_the_unreadable_image(saved, gallery, indexed):
