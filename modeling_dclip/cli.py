@@ -19,6 +19,9 @@ COMMAND_MODULES = (
     "demo",
     "export_yolo",
     "train_detector",
+    "index",
+    "search",
+    "export",
 )
 
 

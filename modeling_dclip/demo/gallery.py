@@ -17,11 +17,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import numpy as np
+import torch
 from PIL import Image
 
 from ..processing_dclip import load_image
+from ..search.index import SearchIndex
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
@@ -133,16 +134,15 @@ class SearchHit:
 
 class GalleryIndex:
     """
-    The embeddings of a gallery's images in a faiss inner-product index (cosine similarity, the embeddings being
-    L2-normalised), with a thumbnail of each image for display.
+    The embeddings of a gallery's images in the package's search index (`modeling_dclip.search.SearchIndex`: faiss
+    inner product, i.e. cosine similarity of the L2-normalised embeddings), with a thumbnail of each image for display.
     """
 
     def __init__(self, items: list[GalleryItem], thumbnails: list[Path], embeddings: np.ndarray, problems: list[str]):
         self.items = items
         self.thumbnails = thumbnails
         self.problems = problems
-        self.index = faiss.IndexFlatIP(embeddings.shape[1])
-        self.index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        self.index = SearchIndex.from_embeddings(torch.from_numpy(np.asarray(embeddings)), [str(i.path) for i in items])
 
     @classmethod
     def build(
@@ -193,8 +193,7 @@ class GalleryIndex:
 
     def search(self, query_embedding: np.ndarray, k: int) -> list[SearchHit]:
         """The `k` images closest to an L2-normalised `[dim]` query embedding, best first."""
-        k = max(1, min(int(k), len(self.items)))
-        scores, indices = self.index.search(np.ascontiguousarray(query_embedding[None, :], dtype=np.float32), k)
+        scores, indices = self.index.search(np.asarray(query_embedding)[None, :], k)
         return [
             SearchHit(self.items[index], self.thumbnails[index], float(score))
             for score, index in zip(scores[0], indices[0])
