@@ -5,8 +5,9 @@ re-scores the student's top 10 / 20 / 50 with its pairwise score over the cached
 Reports text-to-image R@1/5/10 of the student alone and re-ranked, the student's R@k at each k (the ceiling of
 re-ranking k candidates), the teacher's frozen base alone (whole gallery, and as a re-ranker of the same top-k: what
 the teacher's fusion adds over its base), and the latency re-ranking adds to one query: the teacher's base reading
-the query text plus scoring the k candidates (median and p95 over the first `--latency-queries` queries, one query at a time, as
-`dclip search --rerank` serves it). Recall is computed for all 5,000 queries in batches of (query, candidate) pairs.
+the query text plus scoring the k candidates (median and p95 over the first `--latency-queries` queries, one query
+at a time, as `dclip search --rerank` serves it). Recall is computed for all 5,000 queries in batches of
+(query, candidate) pairs.
 
     PYTHONPATH=. python benchmarks/search/rerank.py --student STUDENT --teacher TEACHER \\
         --data ../shared/data/flickr8k --output benchmarks/search/results.json
