@@ -114,7 +114,7 @@ class DemoApp:
     def __init__(self, models: DemoModels, default_gallery: list[GalleryItem], thumbnail_dir: Path):
         self.models = models
         self.default_gallery = default_gallery
-        self.galleries = GalleryCache(models.encode_images, thumbnail_dir)
+        self.galleries = GalleryCache(models.encode_gallery, thumbnail_dir)
         # Embedded now, at start-up, so that the first search does not wait for it.
         self.default_index = self.galleries.get(default_gallery) if default_gallery else None
 

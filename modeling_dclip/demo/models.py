@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from ..encoding import encode_images, encode_texts
+from ..feature_store import FeatureStore
 
 STUDENT_ENV = "DCLIP_STUDENT"
 TEACHER_ENV = "DCLIP_TEACHER"
@@ -89,8 +90,17 @@ def choose_models(
 class DemoModels:
     """The student (search, ranking, zero-shot) and optionally the teacher (region view), ready for inference."""
 
-    def __init__(self, student, processor, teacher=None, teacher_processor=None, description: str = ""):
+    def __init__(
+        self,
+        student,
+        processor,
+        teacher=None,
+        teacher_processor=None,
+        description: str = "",
+        store: FeatureStore | None = None,
+    ):
         self.student = student.eval()
+        self.store = store if store is not None else FeatureStore()
         self.processor = processor
         self.teacher = teacher.eval() if teacher is not None else None
         self.teacher_processor = teacher_processor
@@ -117,6 +127,11 @@ class DemoModels:
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
         """L2-normalised image embeddings `[n, dim]` (float32), through the package's one encoding module."""
         return encode_images(self.student, self.processor, images, _BATCH_SIZE).numpy()
+
+    def encode_gallery(self, images: list[Image.Image]) -> np.ndarray:
+        """[`encode_images`] through the feature store: a gallery embedded once is read back (by its pixels and
+        the student's weights) when the demo restarts or the same images are uploaded again."""
+        return self.store.image_embeddings(self.student, self.processor, images, _BATCH_SIZE).numpy()
 
     def encode_texts(self, texts: list[str]) -> np.ndarray:
         """L2-normalised text embeddings `[n, dim]` (float32), through the package's one encoding module."""
