@@ -235,11 +235,22 @@ def text_token_features(teacher, processor, texts: Sequence[str], batch_size: in
     return {"text_states": states, "attention_mask": attention_mask, "text_embeds": embeds}
 
 
-def pad_regions(tensor: torch.Tensor, size: int) -> torch.Tensor:
-    """Zero-pad dimension 1 (regions) of `[N, R, ...]` to `size`."""
-    if tensor.shape[1] == size:
-        return tensor
-    return F.pad(tensor, [0, 0] * (tensor.dim() - 2) + [0, size - tensor.shape[1]])
+def _pad_to(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    padding: list[int] = []
+    for have, want in zip(reversed(tensor.shape[1:]), reversed(shape[1:])):
+        padding += [0, want - have]
+    return F.pad(tensor, padding) if any(padding) else tensor
+
+
+def concatenate(parts: Sequence[Features]) -> Features:
+    """Concatenate feature dicts along dimension 0, zero-padding the other dimensions (regions, tokens) to the
+    largest of any part."""
+    result = {}
+    for name in parts[0]:
+        tensors = [part[name] for part in parts]
+        shape = [max(sizes) for sizes in zip(*(tensor.shape for tensor in tensors))]
+        result[name] = torch.cat([_pad_to(tensor, shape) for tensor in tensors])
+    return result
 
 
 def regions_to_tensors(per_image: Sequence[Regions]) -> Features:
@@ -313,8 +324,7 @@ def region_features(
                 }
             )
             row += len(batch)
-    most = max(part["region_mask"].shape[1] for part in parts)
-    features = {name: torch.cat([pad_regions(part[name], most) for part in parts]) for name in parts[0]}
+    features = concatenate(parts)
     features["image_embeds"] = features["region_embeds"][:, 0].clone()
     return features
 
@@ -356,6 +366,7 @@ __all__ = [
     "IMAGE_FEATURES",
     "TEXT_FEATURES",
     "check_batch_size",
+    "concatenate",
     "encode_images",
     "encode_texts",
     "eval_mode",

@@ -238,24 +238,6 @@ def compute_region_boxes(
 # --- the store ------------------------------------------------------------------------------------------------------
 
 
-def _pad_to(tensor: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    padding: list[int] = []
-    for have, want in zip(reversed(tensor.shape[1:]), reversed(shape[1:])):
-        padding += [0, want - have]
-    return torch.nn.functional.pad(tensor, padding) if any(padding) else tensor
-
-
-def concatenate(parts: Sequence[Features]) -> Features:
-    """Concatenate feature dicts along dimension 0, zero-padding the other dimensions (regions, tokens) to the
-    largest of any part."""
-    result = {}
-    for name in parts[0]:
-        tensors = [part[name] for part in parts]
-        shape = [max(sizes) for sizes in zip(*(tensor.shape for tensor in tensors))]
-        result[name] = torch.cat([_pad_to(tensor, shape) for tensor in tensors])
-    return result
-
-
 @contextlib.contextmanager
 def _locked(path: Path, blocking: bool = True) -> Iterator[bool]:
     """Hold an exclusive `flock` on `path` (created if needed); yields False if `blocking=False` and another
@@ -302,9 +284,6 @@ class FeatureStore:
         """Where the entry of `kind` for `parts` lives (whether or not it exists yet)."""
         return self.root / kind / f"{self.key(kind, parts)}.safetensors"
 
-    def contains(self, kind: str, parts: dict[str, Any]) -> bool:
-        return self.path(kind, parts).is_file()
-
     def _save(self, path: Path, kind: str, parts: dict[str, Any], features: Features) -> None:
         metadata = {"kind": kind, "parts": json.dumps(parts, sort_keys=True, default=str)}
         save_safetensors_atomically(path, features, metadata=metadata)
@@ -340,7 +319,8 @@ class FeatureStore:
         chunk another process holds), then every process reads the whole entry.
 
         Returns:
-            the chunks' tensors concatenated along dimension 0 (other dimensions zero-padded, see [`concatenate`]).
+            the chunks' tensors concatenated along dimension 0 (other dimensions zero-padded, see
+            [`encoding.concatenate`]).
         """
         if num_items < 1:
             raise ValueError(f"{kind}: nothing to compute (0 items)")
@@ -379,7 +359,7 @@ class FeatureStore:
                 missing = [str(chunk_path(start)) for start in starts if not chunk_path(start).is_file()]
                 if missing:
                     raise RuntimeError(f"{kind}: chunks missing after computation (another process failed?): {missing}")
-                features = concatenate([_load(chunk_path(start)) for start in starts])
+                features = encoding.concatenate([_load(chunk_path(start)) for start in starts])
                 self._save(path, kind, parts, features)
                 shutil.rmtree(folder, ignore_errors=True)
                 return features
@@ -570,7 +550,6 @@ __all__ = [
     "FeatureStore",
     "RegionSource",
     "compute_region_boxes",
-    "concatenate",
     "default_root",
     "digest",
     "file_digest",
