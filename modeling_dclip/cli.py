@@ -8,10 +8,21 @@ import importlib
 import sys
 
 # Imported lazily so that `dclip --help` stays fast and one command's optional dependencies never break another.
-COMMAND_MODULES = ("info", "rank", "card", "push", "demo", "run", "eval", "train_detector")
-COMMAND_MODULES += ("index",)
-COMMAND_MODULES += ("search",)
-COMMAND_MODULES += ("export",)
+COMMAND_MODULES = (
+    "info",
+    "rank",
+    "run",
+    "regions",
+    "eval",
+    "card",
+    "push",
+    "demo",
+    "export_yolo",
+    "train_detector",
+    "index",
+    "search",
+    "export",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

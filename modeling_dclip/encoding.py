@@ -9,15 +9,13 @@ Shapes: `N` images, `n` texts, `D` the projection width, `W` a tower's pooled wi
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import datasets
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .processing_dclip import ImageInput, load_image
@@ -55,28 +53,6 @@ def check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
-def _decode_dataset_image(value: Any, row: int) -> Image.Image:
-    """A dataset cell of an undecoded `datasets.Image` column (`{"bytes", "path"}`), a path or a PIL image."""
-    if isinstance(value, dict):
-        path, data = value.get("path"), value.get("bytes")
-        name = f"dataset row {row} ({path})" if path else f"dataset row {row}"
-        if data is None:
-            if not path:
-                raise ValueError(f"{name}: the image cell has neither bytes nor a path")
-            try:
-                return load_image(path)
-            except (ValueError, FileNotFoundError) as error:
-                raise type(error)(f"dataset row {row}: {error}") from error
-        try:
-            with Image.open(io.BytesIO(data)) as opened:
-                opened.load()
-                image = opened.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ValueError(f"{name}: not a readable image (truncated or corrupt file?): {error}") from error
-        return load_image(image, name=name)
-    return load_image(value, name=f"dataset row {row}")
-
-
 def undecoded(dataset: datasets.Dataset, image_column: str = "image") -> datasets.Dataset:
     """The image column of `dataset` alone, its `datasets.Image` cells left as `{"bytes", "path"}`."""
     if image_column not in dataset.column_names:
@@ -97,7 +73,7 @@ def load_images_at(images: Images, rows: Sequence[int], image_column: str = "ima
     rows = list(rows)
     if isinstance(images, datasets.Dataset):
         cells = undecoded(images, image_column)[rows][image_column] if rows else []
-        return [_decode_dataset_image(cell, row) for row, cell in zip(rows, cells)]
+        return [load_image(cell, name=f"dataset row {row}") for row, cell in zip(rows, cells)]
     return [load_image(images[row], name=f"images[{row}]") for row in rows]
 
 
@@ -120,7 +96,7 @@ def pixel_values(processor, images: Sequence[Image.Image]) -> torch.Tensor:
 
 def tokenize(processor, texts: Sequence[str]) -> dict[str, torch.Tensor]:
     """`input_ids` and `attention_mask` `[n, T]` of `texts` (padded to the longest, truncated to the tower's limit)."""
-    encoded = processor(text=list(texts), return_tensors="pt")
+    encoded = processor(text=list(texts), return_tensors="pt", padding=True, truncation=True)
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 

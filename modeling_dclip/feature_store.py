@@ -31,7 +31,7 @@ from typing import Any
 import datasets
 import torch
 from PIL import Image
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -106,20 +106,30 @@ def _cell_digest(value: Any, hasher) -> None:
         hasher.update(memoryview(value).tobytes() if hasattr(value, "__array__") else repr(value).encode())
 
 
-def images_fingerprint(images: encoding.Images, image_column: str = "image") -> str:
-    """A digest of the images' content, in order: file bytes (not names, so a file fixed or replaced under the same
-    path gives a new fingerprint), embedded bytes, or pixels."""
-    hasher = hashlib.blake2b(digest_size=16)
-    hasher.update(str(len(images)).encode())
+def image_digests(images: encoding.Images, image_column: str = "image") -> list[str]:
+    """A digest of each image's content, in order: file bytes (not names, so a file fixed or replaced under the same
+    path is a new image), embedded bytes, or pixels."""
+    digests = []
+
+    def add(cell: Any) -> None:
+        hasher = hashlib.blake2b(digest_size=16)
+        _cell_digest(cell, hasher)
+        digests.append(hasher.hexdigest())
+
     if isinstance(images, datasets.Dataset):
         column = encoding.undecoded(images, image_column)
         for start in range(0, len(column), 256):
             for cell in column[start : start + 256][image_column]:
-                _cell_digest(cell, hasher)
+                add(cell)
     else:
         for image in images:
-            _cell_digest(image, hasher)
-    return hasher.hexdigest()
+            add(image)
+    return digests
+
+
+def images_fingerprint(images: encoding.Images, image_column: str = "image") -> str:
+    """A digest of the images' content, in order (see [`image_digests`])."""
+    return digest(image_digests(images, image_column))
 
 
 def texts_fingerprint(texts: Sequence[str]) -> str:
@@ -187,39 +197,41 @@ def region_source_settings(source: RegionSource) -> dict[str, Any]:
     return settings
 
 
-def _boxes_of_rows(dataset: datasets.Dataset, source: DatasetBoxes, start: int, stop: int) -> list[Regions]:
+def _boxes_of_rows(dataset: datasets.Dataset, source: DatasetBoxes, rows: Sequence[int]) -> list[Regions]:
     if source.column not in dataset.column_names:
         raise ValueError(
             f"dataset has no {source.column!r} column for {source}; its columns are {dataset.column_names}"
         )
     with_labels = source.labels_column is not None and source.labels_column in dataset.column_names
     columns = [source.column] + ([source.labels_column] if with_labels else [])
-    rows = dataset.select_columns(columns)[start:stop]
-    labels = rows[source.labels_column] if with_labels else [None] * (stop - start)
+    table = dataset.select_columns(columns)[list(rows)]
+    labels = table[source.labels_column] if with_labels else [None] * len(rows)
     found = []
-    for offset, (boxes, row_labels) in enumerate(zip(rows[source.column], labels)):
+    for row, boxes, row_labels in zip(rows, table[source.column], labels):
         try:
             found.append(regions_from_boxes(boxes or [], labels=row_labels or None, max_regions=source.max_regions))
         except ValueError as error:
-            raise ValueError(f"dataset row {start + offset}, column {source.column!r}: {error}") from error
+            raise ValueError(f"dataset row {row}, column {source.column!r}: {error}") from error
     return found
 
 
 def compute_region_boxes(
-    images: encoding.Images, source: RegionSource, batch_size: int = 16, start: int = 0, stop: int | None = None
+    images: encoding.Images, source: RegionSource, batch_size: int = 16, rows: Sequence[int] | None = None
 ) -> Features:
-    """The regions of `images[start:stop]` from `source` (an extractor, or `DatasetBoxes` of a dataset), packed by
-    [`encoding.regions_to_tensors`]: `region_boxes [N, R, 4]`, `region_scores`, `region_labels`, `region_mask`."""
-    stop = len(images) if stop is None else min(stop, len(images))
+    """The regions of `images[rows]` (default: every image) from `source` (an extractor, or `DatasetBoxes` of a
+    dataset), packed by [`encoding.regions_to_tensors`]: `region_boxes [N, R, 4]`, `region_scores`, `region_labels`,
+    `region_mask`."""
+    rows = list(range(len(images))) if rows is None else list(rows)
     if isinstance(source, DatasetBoxes):
-        return encoding.regions_to_tensors(_boxes_of_rows(images, source, start, stop))
+        return encoding.regions_to_tensors(_boxes_of_rows(images, source, rows))
     found: list[Regions] = []
-    for batch in encoding.image_batches(images, batch_size, start=start, stop=stop):
+    for first in range(0, len(rows), batch_size):
+        batch_rows = rows[first : first + batch_size]
+        batch = encoding.load_images_at(images, batch_rows)
         try:
             found.extend(source(batch))
         except (TypeError, ValueError) as error:
-            first = start + len(found)
-            raise ValueError(f"images {first}-{first + len(batch) - 1}: {error}") from error
+            raise ValueError(f"images {batch_rows[0]}-{batch_rows[-1]}: {error}") from error
     return encoding.regions_to_tensors(found)
 
 
@@ -373,18 +385,6 @@ class FeatureStore:
                 return features
         return _load(path)
 
-    def progress(self, kind: str, parts: dict[str, Any], num_items: int, chunk_size: int = 256) -> int:
-        """How many of `num_items` a [`chunked`] entry has finished (all of them once it is complete)."""
-        path = self.path(kind, parts)
-        if path.is_file():
-            return num_items
-        folder = path.with_suffix(".chunks")
-        finished = 0
-        for start in range(0, num_items, chunk_size):
-            stop = min(start + chunk_size, num_items)
-            finished += (stop - start) * (folder / f"{start:012d}-{stop:012d}.safetensors").is_file()
-        return finished
-
     # --- what the package stores ----------------------------------------------------------------------------------
 
     def image_embeddings(
@@ -451,19 +451,69 @@ class FeatureStore:
         return {"source": region_source_settings(source), "images": images_fingerprint(images)}
 
     def region_boxes(
-        self, images: encoding.Images, source: RegionSource, batch_size: int = 16, chunk_size: int = 256, **kwargs
+        self,
+        images: encoding.Images,
+        source: RegionSource,
+        batch_size: int = 16,
+        chunk_size: int = 256,
+        process_index: int = 0,
+        num_processes: int = 1,
     ) -> Features:
-        """The regions of every image from `source` (a detector, the grid, or the dataset's boxes), chunked and
-        resumable: `region_boxes [N, R, 4]`, `region_scores [N, R]`, `region_labels [N, R]`, `region_mask [N, R]`
-        (see [`encoding.regions_to_tensors`])."""
+        """The regions of every image from `source`: `region_boxes [N, R, 4]`, `region_scores [N, R]`,
+        `region_labels [N, R]`, `region_mask [N, R]` (see [`encoding.regions_to_tensors`]).
 
-        def compute(start: int, stop: int) -> Features:
-            return compute_region_boxes(images, source, batch_size, start, stop)
+        A detector's (or the grid's) regions are stored per image, by the image's content and the source's settings
+        (for local weights, their bytes): any images already seen, in any split, order or later run, are read back,
+        and only new ones are detected, `chunk_size` at a time, each chunk written as it finishes (a run killed
+        midway continues where it stopped; processes calling this at once share the chunks). A dataset's own boxes
+        (`DatasetBoxes`) are read from its columns, which costs nothing worth storing.
+        """
+        if isinstance(source, DatasetBoxes):
+            return compute_region_boxes(images, source)
+        settings = region_source_settings(source)
+        folder = self.root / "region_boxes" / digest(FORMAT_VERSION, settings)
+        digests = image_digests(images)
+        first_row: dict[str, int] = {}
+        for row, image_digest in enumerate(digests):
+            first_row.setdefault(image_digest, row)
+        stored = self._stored_rows(folder)
+        missing = [image_digest for image_digest in first_row if image_digest not in stored]
+        chunks = [missing[start : start + chunk_size] for start in range(0, len(missing), chunk_size)]
+        shift = (len(chunks) * process_index) // max(1, num_processes)
+        pending = []
+        with tqdm(total=len(missing), desc=f"Regions ({settings['type']})", unit="img", disable=None) as bar:
+            for chunk in chunks[shift:] + chunks[:shift]:
+                target = folder / f"{digest(chunk)}.safetensors"
+                with _locked(target.with_suffix(".lock"), blocking=False) as mine:
+                    if not mine:
+                        pending.append(target)  # another process is detecting it
+                        continue
+                    if not target.is_file():
+                        boxes = compute_region_boxes(images, source, batch_size, [first_row[d] for d in chunk])
+                        self._save(target, "region_boxes", {"source": settings, "images": chunk}, boxes)
+                bar.update(len(chunk))
+            for target in pending:
+                with _locked(target.with_suffix(".lock")):
+                    pass  # wait for the other process to finish it
+        stored = self._stored_rows(folder)
+        loaded: dict[Path, Features] = {}
+        regions = []
+        for image_digest in digests:
+            path, row = stored[image_digest]
+            if path not in loaded:
+                loaded[path] = _load(path)
+            regions.append(encoding.tensors_to_regions(loaded[path], row))
+        return encoding.regions_to_tensors(regions)
 
-        desc = f"Regions ({source.to_dict()['type']})"
-        return self.chunked(
-            "region_boxes", self._boxes_parts(images, source), len(images), compute, chunk_size, desc, **kwargs
-        )
+    @staticmethod
+    def _stored_rows(folder: Path) -> dict[str, tuple[Path, int]]:
+        """Image digest -> (file, row) of every region chunk stored in `folder` (read from the files' metadata)."""
+        rows: dict[str, tuple[Path, int]] = {}
+        for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+            with safe_open(str(path), "pt") as file:
+                for row, image_digest in enumerate(json.loads(file.metadata()["parts"])["images"]):
+                    rows.setdefault(image_digest, (path, row))
+        return rows
 
     def region_features(
         self, teacher, processor, images: encoding.Images, source: RegionSource, batch_size: int = 16, **kwargs
@@ -524,6 +574,7 @@ __all__ = [
     "default_root",
     "digest",
     "file_digest",
+    "image_digests",
     "images_fingerprint",
     "model_fingerprint",
     "processor_settings",

@@ -15,7 +15,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_dclip import DCLIPConfig, DCLIPTeacherConfig
-from .towers import load_text_tower, load_vision_tower
+from .towers import keep_timm_blocks, load_text_tower, load_vision_tower
 
 
 def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -129,6 +129,8 @@ class DCLIPModel(DCLIPPreTrainedModel):
                 vision_model = CLIPVisionModel(config.vision_config)
             else:
                 vision_model = AutoModel.from_config(config.vision_config)
+                # A compressed student's timm tower keeps a subset of its blocks (two-stage compression).
+                keep_timm_blocks(vision_model, getattr(config.vision_config, "kept_blocks", None))
         if text_model is None:
             text_model = AutoModel.from_config(config.text_config)
         self.vision_model = vision_model

@@ -86,7 +86,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Fits the 10-minute budget on a 2-core CPU.
     "default": {
         "align": {
-            "num_epochs": 40,
+            "num_train_epochs": 40,
             "batch_size": 64,
             "learning_rate": 2e-3,
             "warmup_steps": 10,
@@ -94,7 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "teacher": {
             "objective": "pairwise",
-            "num_epochs": 20,
+            "num_train_epochs": 20,
             "batch_size": 32,
             "learning_rate": 1e-3,
             "warmup_steps": 10,
@@ -103,7 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "intermediate_size": 128,
         },
         "distill": {
-            "num_epochs": 5,
+            "num_train_epochs": 5,
             "batch_size": 32,
             "learning_rate": 3e-4,
             "warmup_steps": 5,
@@ -123,16 +123,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "test_images": 16,
         "scene_size": 64,
         "image_size": 64,
-        "align": {"num_epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "train_text_tower": False},
+        "align": {"num_train_epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "train_text_tower": False},
         "teacher": {
-            "num_epochs": 1,
+            "num_train_epochs": 1,
             "batch_size": 16,
             "fusion_dim": 32,
             "num_attention_heads": 2,
             "intermediate_size": 64,
         },
         "distill": {
-            "num_epochs": 1,
+            "num_train_epochs": 1,
             "batch_size": 16,
             "freeze_patterns": [
                 "text_model.*",
@@ -150,16 +150,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "test_images": 1000,
         "scene_size": 224,
         "image_size": 224,
-        "align": {"num_epochs": 10, "batch_size": 128, "learning_rate": 1e-4, "unlock_text_layers": -1},
+        "align": {"num_train_epochs": 10, "batch_size": 128, "learning_rate": 1e-4, "unlock_text_layers": -1},
         "teacher": {
-            "num_epochs": 10,
+            "num_train_epochs": 10,
             "batch_size": 64,
             "learning_rate": 1e-4,
             "fusion_dim": 256,
             "num_attention_heads": 4,
             "intermediate_size": 1024,
         },
-        "distill": {"num_epochs": 2, "batch_size": 64, "learning_rate": 1e-5},
+        "distill": {"num_train_epochs": 2, "batch_size": 64, "learning_rate": 1e-5},
     },
 }
 
@@ -184,6 +184,12 @@ def load_preset(name: str = "default", config_file: str | Path | None = None, **
                 values[key] = {**values.get(key, {}), **value}
             else:
                 values[key] = value
+    precisions = {values.get(stage, {}).get("mixed_precision") for stage in ("align", "teacher", "distill")}
+    if len(precisions) > 1:
+        # The stages run in this one process, and accelerate keeps one mixed precision per process.
+        raise ValueError(
+            f"align, teacher and distill must share one mixed_precision, got {sorted(map(str, precisions))}"
+        )
     return RunPreset(**values)
 
 
@@ -209,6 +215,9 @@ _UNRESULTFUL_FIELDS = (
     "resume_from_checkpoint",
     "report_to",
     "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "eval_batch_size",
 )
 """Config fields that do not decide a stage's result (paths are replaced by the fingerprints of what they hold)."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature, ProcessorMixin
 
 from .regions import (
+    REGION_EXTRACTORS,
     GridRegionExtractor,
     RegionExtractor,
     Regions,
@@ -19,51 +22,123 @@ from .regions import (
     region_extractor_from_dict,
     regions_from_boxes,
     to_rgb,
+    weights_in_saved_folder,
 )
 
-ImageInput = Image.Image | np.ndarray | str | os.PathLike
+ImageInput = Image.Image | np.ndarray | str | os.PathLike | dict
 
 
-def load_image(image: ImageInput, name: str = "image") -> Image.Image:
-    """An upright 8-bit RGB PIL image from a PIL image, an `HxW[xC]` uint8 array or a file path.
+def _describe(name: str | None, source: str | None) -> str:
+    if name and source:
+        return f"{name} ({source})"
+    return name or source or "image"
 
-    Raises a `ValueError` naming `name` (or the file) when the image cannot be used: unreadable, truncated or
-    corrupt files, empty images, and images above PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`).
+
+def load_image(image: ImageInput, name: str | None = None, max_pixels: int | None = None) -> Image.Image:
     """
+    THE image loader of the package: every image the processor, the evaluation and the demo read goes through it, so
+    that a bad image is reported by its name, never by a bare PIL error.
+
+    Args:
+        image: a file path; a PIL image (opened lazily or not); an `HxW[xC]` uint8 array; or a `datasets` image
+            left undecoded (`{"path": ..., "bytes": ...}`, from `datasets.Image(decode=False)`).
+        name: what to call the image in errors (`images[3]`, a file name); defaults to its path when it has one.
+        max_pixels: refuse images with more pixels than this (read from the header, before decoding).
+
+    Returns:
+        An upright 8-bit RGB PIL image, fully decoded.
+
+    Raises:
+        `FileNotFoundError` for a missing file; `ValueError` naming the image for anything else it cannot use:
+        truncated or corrupt data (PIL's `image file is truncated`), empty images, images above `max_pixels` or
+        PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`), modes that do not convert to RGB.
+    """
+    if isinstance(image, dict):
+        if image.get("bytes") is not None:
+            return _decode(io.BytesIO(image["bytes"]), _describe(name, image.get("path")), max_pixels)
+        if image.get("path") is None:
+            raise ValueError(f"{_describe(name, None)}: an undecoded image with neither 'bytes' nor 'path'")
+        image = image["path"]
     if isinstance(image, (str, os.PathLike)):
-        name = os.fspath(image)
-        if not os.path.isfile(name):
-            raise FileNotFoundError(f"{name}: no such image file")
-        try:
-            with Image.open(name) as opened:
-                opened.load()
-                image = opened.copy()
-        except Image.DecompressionBombError as error:
-            raise ValueError(
-                f"{name}: refused by PIL's decompression-bomb guard ({error}). If the file is trusted, raise "
-                "PIL.Image.MAX_IMAGE_PIXELS before processing it."
-            ) from error
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ValueError(f"{name}: not a readable image (truncated or corrupt file?): {error}") from error
-    elif isinstance(image, np.ndarray):
+        path = os.fspath(image)
+        label = _describe(name, path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{label}: no such image file")
+        return _decode(path, label, max_pixels)
+    if isinstance(image, np.ndarray):
+        label = _describe(name, None)
         if image.ndim not in (2, 3) or image.size == 0:
-            raise ValueError(f"{name}: expected an HxW or HxWxC array, got shape {image.shape}")
-        image = Image.fromarray(image)
-    elif not isinstance(image, Image.Image):
-        raise TypeError(f"{name}: expected a PIL image, a numpy array or a path, got {type(image).__name__}")
+            raise ValueError(f"{label}: expected an HxW or HxWxC array, got shape {image.shape}")
+        try:
+            image = Image.fromarray(image)
+        except TypeError as error:
+            raise ValueError(f"{label}: cannot read an array of dtype {image.dtype} as an image: {error}") from error
+        return _checked_rgb(image, label, max_pixels)
+    if not isinstance(image, Image.Image):
+        raise TypeError(
+            f"{_describe(name, None)}: expected a PIL image, a numpy array or a path, got {type(image).__name__}"
+        )
+    return _checked_rgb(image, _describe(name, getattr(image, "filename", None) or None), max_pixels)
+
+
+def _decode(source: str | io.BytesIO, label: str, max_pixels: int | None) -> Image.Image:
+    try:
+        with Image.open(source) as opened:
+            _check_size(opened, label, max_pixels)
+            opened.load()
+            image = opened.copy()
+    except Image.DecompressionBombError as error:
+        raise ValueError(
+            f"{label}: refused by PIL's decompression-bomb guard ({error}). If the file is trusted, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS before processing it."
+        ) from error
+    except UnidentifiedImageError as error:
+        raise ValueError(f"{label}: not a readable image (not in an image format PIL reads)") from error
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"{label}: not a readable image (truncated or corrupt file?): {error}") from error
+    return _checked_rgb(image, label, max_pixels)
+
+
+def _check_size(image: Image.Image, label: str, max_pixels: int | None) -> None:
     width, height = image.size
     if width == 0 or height == 0:
-        raise ValueError(f"{name}: empty image of size {width}x{height}")
+        raise ValueError(f"{label}: empty image of size {width}x{height}")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ValueError(f"{label}: {width}x{height} pixels is above the {max_pixels:,} pixel limit")
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > 2 * limit:
         raise ValueError(
-            f"{name}: {width}x{height} pixels is above PIL's decompression-bomb limit (2 x {limit}); if the image "
+            f"{label}: {width}x{height} pixels is above PIL's decompression-bomb limit (2 x {limit}); if the image "
             "is trusted, raise PIL.Image.MAX_IMAGE_PIXELS."
         )
+
+
+def _checked_rgb(image: Image.Image, label: str, max_pixels: int | None) -> Image.Image:
+    _check_size(image, label, max_pixels)
+    try:
+        image.load()  # a lazily opened image reads its file here: a truncated one fails now, with its name
+    except (OSError, SyntaxError) as error:
+        raise ValueError(f"{label}: not a readable image (truncated or corrupt file?): {error}") from error
     try:
         return to_rgb(image)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{name}: cannot convert mode {image.mode} to RGB: {error}") from error
+        raise ValueError(f"{label}: cannot convert mode {image.mode} to RGB: {error}") from error
+
+
+# RoBERTa-family position ids start after the padding index, so `pad_token_id + 1` positions are never tokens.
+_PADDING_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "longformer")
+_UNKNOWN_TEXT_LIMIT = 512
+
+
+def text_position_limit(text_config: dict[str, Any]) -> int | None:
+    """How many tokens a text tower (its config as a dict) has positions for; `None` when its config has no
+    `max_position_embeddings` (a tower with relative positions)."""
+    limit = text_config.get("max_position_embeddings")
+    if not isinstance(limit, int) or limit <= 0:
+        return None
+    if text_config.get("model_type") in _PADDING_OFFSET_POSITIONS:
+        limit -= int(text_config.get("pad_token_id") or 0) + 1
+    return limit
 
 
 class DCLIPProcessor(ProcessorMixin):
@@ -75,11 +150,25 @@ class DCLIPProcessor(ProcessorMixin):
         tokenizer: the text tower's tokenizer.
         region_config (`dict`, *optional*):
             Settings of the region extractor (see `modeling_dclip.regions`), saved with the processor. Defaults to
-            a 2x2 grid (`{"type": "grid", "scales": [2]}`), which needs no weights.
+            a 2x2 grid (`{"type": "grid", "scales": [2]}`), which needs no weights. A detector's local weights file
+            is copied into the folder the processor is saved to, and referenced relative to it.
+        text_position_limit (`int`, *optional*):
+            How many tokens the text tower has positions for (its `max_position_embeddings`, less a RoBERTa-style
+            padding offset). Captions are truncated to it whatever the tokenizer's `model_max_length` says. Set by
+            `from_vision_text_pretrained`; `from_pretrained` reads it from the model's `config.json` beside the
+            processor when the saved processor lacks it.
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, region_config: dict[str, Any] | None = None, **kwargs):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        region_config: dict[str, Any] | None = None,
+        text_position_limit: int | None = None,
+        **kwargs,
+    ):
         self.region_config = dict(region_config) if region_config else GridRegionExtractor().to_dict()
+        self.text_position_limit = text_position_limit
         self._region_extractor: RegionExtractor | None = None
         super().__init__(image_processor, tokenizer, **kwargs)
 
@@ -93,14 +182,72 @@ class DCLIPProcessor(ProcessorMixin):
     ) -> DCLIPProcessor:
         """The processor matching `DCLIPModel.from_vision_text_pretrained` on the same towers (Hub ids, local
         folders, or `EMBEDDED_VISION` / `EMBEDDED_TEXT`), with an optional region extractor or its settings."""
-        from .towers import load_image_processor, load_tokenizer
+        from transformers import AutoConfig
+
+        from .towers import EMBEDDED_TEXT, embedded_text_path, load_image_processor, load_tokenizer
 
         region_config = regions.to_dict() if isinstance(regions, RegionExtractor) else regions
+        text_source = embedded_text_path() if text_model_name_or_path == EMBEDDED_TEXT else text_model_name_or_path
+        text_config = AutoConfig.from_pretrained(text_source, **hub_kwargs).to_dict()
         return cls(
             image_processor=load_image_processor(vision_model_name_or_path, **hub_kwargs),
             tokenizer=load_tokenizer(text_model_name_or_path, **hub_kwargs),
             region_config=region_config,
+            text_position_limit=text_position_limit(text_config.get("text_config") or text_config),
         )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DCLIPProcessor:
+        """`ProcessorMixin.from_pretrained`, then two references resolved against the same folder or Hub repo: the
+        text tower's position limit (from `config.json`, when the processor did not save it) and a detector's
+        weights saved beside the processor (`region_detector/...`), fetched to a local file."""
+        from transformers.utils import cached_file
+
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        hub_kwargs = {
+            key: kwargs[key]
+            for key in ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+            if key in kwargs
+        }
+
+        def fetch(filename: str) -> str | None:
+            return cached_file(
+                pretrained_model_name_or_path,
+                filename,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+                **hub_kwargs,
+            )
+
+        if processor.text_position_limit is None:
+            config_file = fetch("config.json")
+            if config_file is not None:
+                with open(config_file, encoding="utf-8") as handle:
+                    config = json.load(handle)
+                student_config = config.get("base_config", config)  # a teacher's text tower is its base's
+                processor.text_position_limit = text_position_limit(student_config.get("text_config") or {})
+        in_folder = weights_in_saved_folder(processor.region_config)
+        if in_folder is not None:
+            local = fetch(in_folder)
+            if local is None:
+                raise FileNotFoundError(
+                    f"{pretrained_model_name_or_path}: its processor's region detector weights {in_folder!r} are not "
+                    "in that folder or repository"
+                )
+            processor.region_config = {**processor.region_config, "weights": local}
+        return processor
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """`ProcessorMixin.save_pretrained`; a region detector's local weights file is copied into
+        `save_directory` first and saved as a reference relative to it, so that the folder works anywhere."""
+        os.makedirs(save_directory, exist_ok=True)
+        settings = self.region_config
+        if settings.get("type") in REGION_EXTRACTORS:  # not, e.g., a dataset's own boxes: nothing to copy then
+            self.region_config = region_extractor_from_dict(settings).portable_settings(save_directory)
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.region_config = settings
 
     @property
     def region_extractor(self) -> RegionExtractor:
@@ -116,8 +263,12 @@ class DCLIPProcessor(ProcessorMixin):
 
     @property
     def max_text_length(self) -> int:
-        # Some tokenizers report a practically infinite model_max_length when their tower's limit is unknown.
-        return min(self.tokenizer.model_max_length, 512)
+        """Tokens kept per caption: the text tower's position limit when known, and never more than the tokenizer's
+        `model_max_length` (some tokenizers report a practically infinite one: then 512 when the tower is unknown)."""
+        tokenizer_limit = self.tokenizer.model_max_length
+        if self.text_position_limit is not None:
+            return min(tokenizer_limit, self.text_position_limit)
+        return min(tokenizer_limit, _UNKNOWN_TEXT_LIMIT)
 
     def __call__(
         self,
@@ -138,7 +289,8 @@ class DCLIPProcessor(ProcessorMixin):
             regions (`bool`, *optional*, defaults to `False`): also return the teacher's region inputs.
             boxes (*optional*): per image, `[N, 4]` normalised xyxy boxes to use as regions instead of running the
                 region extractor (the whole image is always region 0).
-            max_length (`int`, *optional*): token limit; defaults to the tokenizer's (at most 512).
+            max_length (`int`, *optional*): token limit; defaults to `max_text_length`, and never exceeds the text
+                tower's position limit.
 
         Returns:
             `BatchFeature` with `input_ids`, `attention_mask` `(n_texts, seq_len)` when texts are given;
@@ -154,7 +306,11 @@ class DCLIPProcessor(ProcessorMixin):
             )
         data: dict[str, torch.Tensor] = {}
         if text is not None:
-            data.update(self._encode_text(text, padding, max_length or self.max_text_length))
+            if max_length is None:
+                max_length = self.max_text_length
+            elif self.text_position_limit is not None:
+                max_length = min(max_length, self.text_position_limit)
+            data.update(self._encode_text(text, padding, max_length))
         if images is not None:
             image_list = self._load_images(images)
             data["pixel_values"] = self.image_processor(images=image_list, return_tensors="pt", **kwargs)[
@@ -180,7 +336,7 @@ class DCLIPProcessor(ProcessorMixin):
 
     @staticmethod
     def _load_images(images: ImageInput | Sequence[ImageInput]) -> list[Image.Image]:
-        if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
+        if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike, dict)):
             images = [images]
         image_list = [load_image(image, name=f"images[{index}]") for index, image in enumerate(images)]
         if not image_list:
@@ -237,4 +393,4 @@ class DCLIPProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
 
-__all__ = ["DCLIPProcessor", "load_image"]
+__all__ = ["DCLIPProcessor", "load_image", "text_position_limit"]

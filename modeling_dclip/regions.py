@@ -16,6 +16,9 @@ import abc
 import importlib
 import inspect
 import math
+import os
+import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,8 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 WHOLE_IMAGE_BOX = (0.0, 0.0, 1.0, 1.0)
+# Where a saved processor keeps its detector's weights, relative to its folder.
+DETECTOR_FOLDER = "region_detector"
 WHOLE_IMAGE_LABEL = -1
 
 _ALTERNATIVES = "GridRegionExtractor (fixed grid cells, no weights) or the dataset's own boxes via regions_from_boxes"
@@ -220,6 +225,11 @@ class RegionExtractor(abc.ABC):
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable settings, with `"type"`, that `region_extractor_from_dict` rebuilds this from."""
 
+    def portable_settings(self, save_directory: str | os.PathLike) -> dict[str, Any]:
+        """The settings to save into `save_directory` (a processor's folder), with any file they need copied there
+        and referenced relative to it, so that the folder works on another machine. Default: `to_dict()`."""
+        return self.to_dict()
+
     def __repr__(self) -> str:
         settings = ", ".join(f"{key}={value!r}" for key, value in self.to_dict().items() if key != "type")
         return f"{type(self).__name__}({settings})"
@@ -342,7 +352,8 @@ class YoloRegionExtractor(RegionExtractor):
         path = Path(self.weights).expanduser()
         if path.is_file():
             try:
-                return ultralytics.YOLO(str(path))
+                # task="detect": an exported model (.onnx) does not always say what it does.
+                return ultralytics.YOLO(str(path), task="detect")
             except Exception as error:
                 error.add_note(f"while loading the YOLO weights file {path}")
                 raise
@@ -402,6 +413,45 @@ class YoloRegionExtractor(RegionExtractor):
             "batch_size": self.batch_size,
             "device": self.device,
         }
+
+    def portable_settings(self, save_directory: str | os.PathLike) -> dict[str, Any]:
+        """
+        Settings whose `weights` work wherever `save_directory` goes: a local weights file is copied to
+        `save_directory/region_detector/<file name>` and referenced by that relative path (a processor loaded from
+        the folder or its Hub repository resolves it, see `weights_in_saved_folder`); a bare ultralytics asset name
+        (`"yolov8x.pt"`) stays as it is. A path to a file that does not exist here cannot be copied: it is kept,
+        with a warning, and `dclip push` refuses the folder.
+        """
+        settings = self.to_dict()
+        if weights_in_saved_folder(settings) is not None and (Path(save_directory) / self.weights).is_file():
+            return settings  # already saved beside the processor (a folder saved over itself)
+        source = Path(self.weights).expanduser()
+        if source.is_file():
+            target = Path(save_directory) / DETECTOR_FOLDER / source.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists() or not os.path.samefile(source, target):
+                shutil.copyfile(source, target)
+            settings["weights"] = f"{DETECTOR_FOLDER}/{source.name}"
+        elif source.name != self.weights:
+            warnings.warn(
+                f"YOLO weights {self.weights!r} do not exist on this machine, so they cannot be copied into "
+                f"{os.fspath(save_directory)}: the saved processor will only load where that path exists, and "
+                "`dclip push` refuses the folder",
+                stacklevel=2,
+            )
+        return settings
+
+
+def weights_in_saved_folder(settings: dict[str, Any]) -> str | None:
+    """The path, relative to a saved processor's folder, of the detector weights its `region_config` references
+    (`region_detector/<file>`, as `portable_settings` writes it), or `None` when it references none there."""
+    weights = settings.get("weights")
+    if settings.get("type") != YoloRegionExtractor.type or not isinstance(weights, str):
+        return None
+    parts = Path(weights).parts
+    if len(parts) == 2 and parts[0] == DETECTOR_FOLDER and not Path(weights).is_absolute():
+        return Path(weights).as_posix()
+    return None
 
 
 REGION_EXTRACTORS: dict[str, type[RegionExtractor]] = {

@@ -80,6 +80,28 @@ def _embedded_vision_state_dict() -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def keep_timm_blocks(tower: PreTrainedModel, kept_blocks: list[list[int]] | None) -> None:
+    """Reduce a timm tower built in stages of blocks (EfficientNet, MobileNet: `timm_model.blocks[stage][block]`)
+    to the blocks `kept_blocks[stage]` lists, in place; `None` keeps them all.
+
+    A compressed student stores the list as `vision_config.kept_blocks` (see
+    `modeling_dclip.recipes.compress_student`), so that the same smaller tower is built again when it loads. Each
+    stage must keep its first block, the one that changes the width and the stride.
+    """
+    if kept_blocks is None:
+        return
+    stages = tower.timm_model.blocks
+    if len(kept_blocks) != len(stages):
+        raise ValueError(f"kept_blocks lists {len(kept_blocks)} stages, the tower has {len(stages)}")
+    for stage, indices in enumerate(kept_blocks):
+        if not indices or indices[0] != 0 or list(indices) != sorted(set(indices)) or indices[-1] >= len(stages[stage]):
+            raise ValueError(
+                f"kept_blocks[{stage}] = {list(indices)}: expected increasing block indices starting with 0, "
+                f"below {len(stages[stage])}"
+            )
+        stages[stage] = torch.nn.Sequential(*[stages[stage][index] for index in indices])
+
+
 def embedded_vision_config() -> TimmWrapperConfig:
     return TimmWrapperConfig(architecture=_TIMM_ARCHITECTURE, num_labels=_IMAGENET_CLASSES)
 

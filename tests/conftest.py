@@ -1,15 +1,74 @@
-"""Shared fixtures: small real models built once per session."""
+"""Shared fixtures: small real models built once per session, and one `dclip run --preset tiny` output."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
+import os
+import shutil
+import site
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+import modeling_dclip
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
 SHARED_DATA = SHARED / "data"
+
+
+def _installed_package_file() -> Path | None:
+    """Where a regular (not editable) install of the `dclip` distribution into this environment's site-packages put
+    `modeling_dclip/__init__.py` (a `dclip.egg-info` of a source tree on sys.path does not count)."""
+    for site_packages in site.getsitepackages():
+        for distribution in importlib.metadata.distributions(name="dclip", path=[site_packages]):
+            direct_url = json.loads(distribution.read_text("direct_url.json") or "{}")
+            if direct_url.get("dir_info", {}).get("editable"):
+                return None
+            return Path(distribution.locate_file("modeling_dclip/__init__.py")).resolve()
+    return None
+
+
+def pytest_report_header(config) -> str:
+    return f"modeling_dclip imported from {modeling_dclip.__file__}"
+
+
+def pytest_sessionstart(session) -> None:
+    # Where dclip is installed from a wheel (CI), the tests must exercise that installed package, not the source tree.
+    installed = _installed_package_file()
+    if installed is not None and "PYTHONPATH" not in os.environ:
+        imported = Path(modeling_dclip.__file__).resolve()
+        assert imported == installed, f"the tests import {imported}, not the installed package at {installed}"
+
+
+def dclip_command() -> str:
+    """The `dclip` console script of the environment running the tests."""
+    script = shutil.which("dclip", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip(f"no `dclip` console script beside {sys.executable}: install the package (pip install .)")
+    return script
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One `dclip run --preset tiny` output (base, teacher, student, results.json), made by the `dclip` console
+    script from a folder outside the repository (about a minute on 2 CPU cores); shared by the tests that read it."""
+    outside = tmp_path_factory.mktemp("outside")
+    output = outside / "run"
+    result = subprocess.run(
+        [dclip_command(), "run", "--preset", "tiny", "--output-dir", str(output)],
+        cwd=outside,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
 
 
 def tiny_clip_config(projection_dim: int = 16) -> CLIPConfig:

@@ -134,19 +134,29 @@ def build_run(run_dir: Path, photos: dict) -> dict:
         },
         # As `dclip run` writes them: one dataset spec, and each stage's config.
         "dataset": {"spec": "../data/skimage-photos", "splits": {"train": 32, "test": 4}, "evaluated_on": "test"},
-        "config": {
-            "preset": {"seed": 0, "image_size": 30, "regions": {"type": "grid", "scales": [2]}},
-            "align_base": {
-                "vision_model": EMBEDDED_VISION,
-                "text_model": EMBEDDED_TEXT,
-                "learning_rate": 2e-3,
-                "output_dir": str(run_dir / "base"),
+        # As `dclip run` writes them: the preset, and each model's stage record (its stage.json's inputs: the
+        # resolved config without local paths, and the fingerprints of what the stage read).
+        "preset": {"seed": 0, "image_size": 30, "regions": {"type": "grid", "scales": [2]}},
+        "stages": {
+            "base": {
+                "fingerprint": "f0",
+                "config": {"vision_model": EMBEDDED_VISION, "text_model": EMBEDDED_TEXT, "learning_rate": 2e-3},
+                "towers": {"vision_model": "d1", "text_model": "d2"},
+                "data": {"rows": 32},
             },
-            "train_teacher": {"base_model": str(run_dir / "base"), "learning_rate": 5e-4, "temperature": 0.05},
-            "distill_student": {
-                "learning_rate": 1e-6,
-                "loss_weights": {"contrastive": 1.0, "image_distill": 1.0},
-                "teacher_model": str(run_dir / "teacher"),
+            "teacher": {
+                "fingerprint": "f1",
+                "config": {"learning_rate": 5e-4, "temperature": 0.05},
+                "base": "f0",
+                "data": {"rows": 32},
+                "regions": {"type": "grid", "scales": [2]},
+            },
+            "student": {
+                "fingerprint": "f2",
+                "config": {"learning_rate": 1e-6, "loss_weights": {"contrastive": 1.0, "image_distill": 1.0}},
+                "base": "f0",
+                "teacher": "f1",
+                "data": {"rows": 32},
             },
         },
         "versions": {"dclip": "0.1.0", "torch": torch.__version__},
@@ -217,9 +227,10 @@ def test_dclip_card_metadata_equals_results_json(run_output):
                 expected = results["models"][column].get(metric)
                 assert cell == ("-" if expected is None else f"{expected:.4f}"), (role, metric, column)
 
-        # The run's hyperparameters appear as recorded, without the local folders it used.
-        assert "| distill_student.learning_rate | 1e-06 |" in body
-        assert "| train_teacher.temperature | 0.05 |" in body
+        # The settings of the stages that made this model appear as recorded, without the local folders it used.
+        assert "| align_base.learning_rate | 0.002 |" in body
+        assert ("| distill_student.learning_rate | 1e-06 |" in body) == (role == "student")
+        assert ("| train_teacher.temperature | 0.05 |" in body) == (role == "teacher")
         assert str(run_dir) not in body
 
 
@@ -358,3 +369,106 @@ def test_other_forms_of_the_dataset_entry(run_output, tmp_path, dataset, expecte
     for group, (dataset_id, split) in expected.items():
         assert (by_metric[example[group]].dataset_type, by_metric[example[group]].dataset_split) == (dataset_id, split)
     assert card.data.datasets == ["flickr8k-1k"]
+
+
+def _edit_results(run_dir: Path, change) -> None:
+    results = json.loads((run_dir / "results.json").read_text())
+    change(results)
+    (run_dir / "results.json").write_text(json.dumps(results))
+
+
+@pytest.mark.parametrize(
+    "base_record",
+    [
+        # `dclip run --base-model openai/clip-vit-base-patch16`: the CLIP imported unchanged as the base.
+        {
+            "fingerprint": "f0",
+            "base_model": "openai/clip-vit-base-patch16",
+            "content": "hub:openai/clip-vit-base-patch16",
+        },
+        # align_base started from the CLIP (init_from): the default tower names in its config are not used.
+        {
+            "fingerprint": "f0",
+            "config": {"vision_model": EMBEDDED_VISION, "text_model": EMBEDDED_TEXT, "projection_dim": 256},
+            "towers": {"init_from": "hub:openai/clip-vit-base-patch16"},
+        },
+    ],
+)
+def test_a_run_from_a_clip_checkpoint_names_that_checkpoint(run_output, tmp_path, base_record):
+    run_dir, _ = run_output
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other)
+    _edit_results(other, lambda r: r["stages"].update(base=base_record))
+    for path in write_model_cards(other):
+        card = ModelCard.load(path)
+        assert card.data.base_model == ["openai/clip-vit-base-patch16"], path
+        body = _split_card(path)[1]
+        assert "| align_base.vision_model |" not in body
+        assert "dclip-embedded/" not in body
+        assert "all-MiniLM" not in str(card.data.to_dict())
+
+
+def test_a_base_started_from_an_unrecorded_local_folder_gets_no_guessed_base_model(run_output, tmp_path):
+    run_dir, _ = run_output
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other)
+    record = {"fingerprint": "f0", "config": {"learning_rate": 2e-3}, "towers": {"init_from": "0123abcd"}}
+    _edit_results(other, lambda r: r["stages"].update(base=record))
+    for path in write_model_cards(other):
+        assert ModelCard.load(path).data.base_model is None, path
+
+
+def _single_stage_outputs(run_dir: Path, root: Path, with_stage_records: bool) -> Path:
+    """Model folders without a results.json: as the three single-stage trainers write them (training_complete.json
+    naming the stage), or as `dclip run` leaves them before its evaluation (each with its stage.json)."""
+    stages = {"base": "align_base", "teacher": "train_teacher", "student": "distill_student"}
+    configs = {
+        "align_base": {"vision_model": EMBEDDED_VISION, "text_model": EMBEDDED_TEXT, "learning_rate": 0.002},
+        "train_teacher": {"temperature": 0.05},
+        "distill_student": {"learning_rate": 1e-6},
+    }
+    for role, stage in stages.items():
+        shutil.copytree(run_dir / role, root / role, ignore=shutil.ignore_patterns("README.md"))
+        (root / role / "training_complete.json").write_text(json.dumps({"stage": stage, "steps": 4}))
+        if with_stage_records:
+            record = {"stage": stage, "fingerprint": "f", "inputs": {"config": configs[stage], "data": {"rows": 8}}}
+            (root / role / "stage.json").write_text(json.dumps(record))
+    return root
+
+
+@pytest.mark.parametrize("with_stage_records", [False, True])
+def test_cards_for_single_stage_trainer_outputs(run_output, tmp_path, with_stage_records):
+    run_dir, _ = run_output
+    outputs = _single_stage_outputs(run_dir, tmp_path / "outputs", with_stage_records)
+    assert dclip_main(["card", "--run", str(outputs)]) == 0
+    assert dclip_main(["card", "--run", str(outputs / "student")]) == 0  # one model folder works too
+    for role in ROLES:
+        card = ModelCard.load(outputs / role / "README.md")
+        body = _split_card(outputs / role / "README.md")[1]
+        assert f"dclip-{role}" in card.data.tags
+        assert not card.data.eval_results
+        assert "No evaluation was recorded with this model" in body
+        if with_stage_records:
+            # The student's and the teacher's base_model is traced through the base folder to its towers.
+            assert card.data.base_model == ["sentence-transformers/all-MiniLM-L6-v2"], role
+            assert "| align_base.learning_rate | 0.002 |" in body
+            assert str(outputs) not in body
+        else:
+            assert card.data.base_model is None
+            assert "No training settings were recorded with this model." in body
+
+
+def test_card_states_the_detector_and_its_license(run_output, tmp_path):
+    run_dir, _ = run_output
+    other = tmp_path / "run"
+    shutil.copytree(run_dir, other)
+    processor_config = json.loads((other / "teacher" / "processor_config.json").read_text())
+    processor_config["region_config"] = {"type": "yolo", "weights": "region_detector/detector.pt"}
+    (other / "teacher" / "processor_config.json").write_text(json.dumps(processor_config))
+    (other / "teacher" / "region_detector").mkdir()
+    (other / "teacher" / "region_detector" / "detector.pt").write_bytes(b"weights")
+    write_model_cards(other)
+    body = _split_card(other / "teacher" / "README.md")[1]
+    assert "Region detector: ultralytics YOLO weights `region_detector/detector.pt` (saved in this repository)" in body
+    assert "AGPL-3.0" in body
+    assert "Region detector" not in _split_card(other / "student" / "README.md")[1]

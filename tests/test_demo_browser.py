@@ -14,6 +14,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-APP = REPO / "spaces_demo" / "app.py"
+APP = REPO / "spaces_demo" / "app.py"  # the Space's entry point, which runs modeling_dclip.demo.app
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = [
     "--no-sandbox",
@@ -182,6 +183,22 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """Nothing listens on `port` and a new server can bind it (with SO_REUSEADDR, as servers do: the closed
+    connections of the test clients may linger in TIME_WAIT)."""
+    with socket.socket() as client:
+        if client.connect_ex(("127.0.0.1", port)) == 0:
+            return False
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+            probe.listen()
+        except OSError:
+            return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def demo_url(demo_files):
     """The demo started as its README says, on a free localhost port; stopped after the tests."""
@@ -220,12 +237,16 @@ def demo_url(demo_files):
                 time.sleep(0.5)
         yield url
     finally:
-        server.terminate()
+        # Ctrl-C: the app closes its server and exits cleanly, and the port is free again.
+        server.send_signal(signal.SIGINT)
         try:
-            server.wait(timeout=20)
+            exit_code = server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+            pytest.fail(f"the demo did not stop on SIGINT:\n{log_path.read_text()[-3000:]}")
+        assert exit_code == 0, log_path.read_text()[-3000:]
+        assert port_is_free(port)
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +361,7 @@ def test_uploaded_gallery_is_searched_and_bad_uploads_are_named(demo_url, demo_f
     broken = tmp_path / "broken.png"
     broken.write_text("not a PNG")
     uploads = [handle_file(str(demo_files["gallery"] / name)) for name in ("coffee.png", "rocket.jpg")]
-    status = client.predict(False, "", [*uploads, handle_file(str(broken))], api_name="/set_gallery")
+    status = client.predict(False, [*uploads, handle_file(str(broken))], api_name="/upload_gallery")
     assert status.startswith("Gallery: 2 images. Skipped: broken.png: not a readable image")
     _, table, _ = client.predict("a cat", 5, api_name="/search")
     assert sorted(row[1] for row in table["data"]) == ["coffee", "rocket"]
@@ -377,23 +398,39 @@ def test_space_readme_is_valid_spaces_metadata():
 
 
 @needs_demo_stack
+def test_no_endpoint_lets_a_client_name_a_server_path(demo_url, demo_files, tmp_path):
+    """Files reach the app only as uploads: no endpoint takes a text naming a server file or folder, and a server
+    path given where a file is expected is refused by gradio."""
+    from gradio_client import Client, handle_file
+
+    client = Client(demo_url, verbose=False)
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert "/set_gallery" not in endpoints
+    (parameters,) = [endpoint["parameters"] for name, endpoint in endpoints.items() if name == "/upload_gallery"]
+    assert [parameter["component"] for parameter in parameters] == ["Checkbox", "File"]
+    # A file of the server, named by its path in a raw API call instead of uploaded: refused, nothing indexed.
+    secret = demo_files["gallery"] / "coffee.png"
+    request = urllib.request.Request(
+        f"{demo_url}gradio_api/call/upload_gallery",
+        data=json.dumps({"data": [False, [{"path": str(secret), "meta": {"_type": "gradio.FileData"}}]]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        event_id = json.loads(response.read())["event_id"]
+    with urllib.request.urlopen(f"{demo_url}gradio_api/call/upload_gallery/{event_id}", timeout=60) as response:
+        stream = response.read().decode()
+    assert "event: error" in stream and "Gallery: 1 image" not in stream, stream
+    status = client.predict(True, [handle_file(str(demo_files["gallery"] / "rocket.jpg"))], api_name="/upload_gallery")
+    assert status.startswith("Gallery: 9 images")  # the operator's 8 (--gallery) and the upload
+
+
+@needs_demo_stack
 def test_default_gallery_is_the_packages_sample_photos():
-    sys.path.insert(0, str(APP.parent))
-    try:
-        from demo_gallery import sample_photos
-    finally:
-        sys.path.remove(str(APP.parent))
+    from modeling_dclip.demo.gallery import sample_photos
+
     photos = {item.name: item.path for item in sample_photos()}
     assert {"chelsea", "coffee", "astronaut", "rocket"} <= set(photos)
     assert all(path.is_file() for path in photos.values())
-
-
-def _import_demo_module(name: str):
-    sys.path.insert(0, str(APP.parent))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(APP.parent))
 
 
 def _fake_run(folder: Path, age_s: float) -> Path:
@@ -408,7 +445,8 @@ def _fake_run(folder: Path, age_s: float) -> Path:
 
 
 def test_demo_takes_the_newest_run_output_then_the_embedded_default(tmp_path, monkeypatch):
-    demo_models = _import_demo_module("demo_models")
+    from modeling_dclip.demo import models as demo_models
+
     monkeypatch.delenv("DCLIP_STUDENT", raising=False)
     monkeypatch.delenv("DCLIP_TEACHER", raising=False)
     monkeypatch.delenv("SPACE_ID", raising=False)
@@ -430,34 +468,25 @@ def test_demo_takes_the_newest_run_output_then_the_embedded_default(tmp_path, mo
     assert (in_space.student, in_space.teacher) == ("dclip-project/dclip-student", "dclip-project/dclip-teacher")
 
 
-def test_dclip_demo_starts_the_app_with_its_arguments(tmp_path, capsys):
-    from modeling_dclip.cli import build_parser, main
+@needs_demo_stack
+def test_dclip_demo_passes_its_arguments_to_the_app():
+    from modeling_dclip.cli import build_parser
     from modeling_dclip.commands.demo import app_arguments
+    from modeling_dclip.demo.app import parse_args
 
     args = build_parser().parse_args(
         ["demo", "--model", "m", "--gallery", "g", "--no-sample-photos", "--runs-dir", "r", "--port", "1234"]
     )
-    assert Path(args.app) == APP
-    assert app_arguments(args) == [
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "1234",
-        "--model",
-        "m",
-        "--gallery",
-        "g",
-        "--runs-dir",
-        "r",
-        "--no-sample-photos",
-    ]
-    assert main(["demo", "--app", str(tmp_path / "missing.py")]) == 2
-    assert "missing.py not found" in capsys.readouterr().err
+    app_args = parse_args(app_arguments(args))
+    assert (app_args.model, app_args.gallery, app_args.runs_dir, app_args.port) == ("m", "g", ["r"], 1234)
+    assert app_args.no_sample_photos and app_args.teacher is None and app_args.host == "127.0.0.1"
 
 
+@needs_demo_stack
 def test_gallery_refuses_bad_files_with_their_names(tmp_path):
-    demo_gallery = _import_demo_module("demo_gallery")
     from PIL import Image
+
+    from modeling_dclip.demo import gallery as demo_gallery
 
     (tmp_path / "notes.txt").write_text("not an image")
     (tmp_path / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00")

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pytest
 from PIL import Image
 
-from modeling_dclip.data.loaders import (
+from modeling_dclip.data.formats import (
     load_caption_table,
     load_caption_tsv,
     load_coco_captions,
@@ -317,7 +317,7 @@ def test_caption_tsv_groups_images_and_counts_urls_as_missing(tmp_path):
     assert dataset[0]["captions"] == ["a cat on a mat", "a cat, sitting"]
     assert report.missing_images == ["https://example.com/2.jpg"]
     (tmp_path / "bad.tsv").write_text("only one field\n")
-    with pytest.raises(ValueError, match="bad.tsv: line 1: expected 'caption<TAB>image'"):
+    with pytest.raises(ValueError, match="bad.tsv: row 0: expected 'caption<TAB>image'"):
         load_caption_tsv(tmp_path / "bad.tsv")
 
 
@@ -342,7 +342,7 @@ def test_jsonl_table_one_row_per_caption_or_per_image_with_split_column(tmp_path
     with pytest.raises(ValueError, match=r"no image column among \['file', 'text', 'split'\]; set image_column="):
         load_caption_table(path)
     path.write_text('{"file": "p.png", "text": 3}\n')
-    with pytest.raises(ValueError, match="pairs.jsonl: line 1: a caption must be a string"):
+    with pytest.raises(ValueError, match="pairs.jsonl: row 0: a caption must be a string"):
         load_caption_table(path, image_column="file", caption_column="text")
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import AutoProcessor
 
-from modeling_dclip import DCLIPProcessor
+from modeling_dclip import DCLIPModel, DCLIPProcessor
 from modeling_dclip.regions import GridRegionExtractor, YoloRegionExtractor
 
 
@@ -162,3 +165,68 @@ def test_missing_yolo_weights_name_the_file_and_alternatives(embedded_processor,
         processor(images=photo, regions=True)
     # Everything that does not need regions still works.
     assert processor(images=photo, text="a cat")["pixel_values"].shape == (1, 3, 224, 224)
+
+
+def test_lazily_opened_and_undecoded_truncated_images_are_named(embedded_processor, photo, tmp_path):
+    good = tmp_path / "good.jpg"
+    photo.save(good)
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 3])
+    # Image.open reads only the header: the truncation shows when the pixels are read, here inside the processor.
+    with pytest.raises(ValueError, match=r"images\[1\] \(.*cut\.jpg\): not a readable image.*truncated"):
+        embedded_processor(images=[Image.open(good), Image.open(truncated)])
+    # A datasets image column left undecoded (datasets.Image(decode=False)) gives {"path", "bytes"}.
+    undecoded = {"path": "photos/cut.jpg", "bytes": truncated.read_bytes()}
+    with pytest.raises(ValueError, match=r"images\[0\] \(photos/cut\.jpg\): not a readable image"):
+        embedded_processor(images=[undecoded])
+    assert embedded_processor(images={"path": None, "bytes": good.read_bytes()})["pixel_values"].shape[0] == 1
+
+
+def _tiny_clip_text_student(max_positions: int) -> DCLIPModel:
+    from transformers import CLIPTextConfig, CLIPVisionConfig
+
+    from modeling_dclip import DCLIPConfig
+
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    text = CLIPTextConfig(
+        **tower, vocab_size=30522, max_position_embeddings=max_positions, bos_token_id=101, eos_token_id=102
+    )
+    vision = CLIPVisionConfig(**tower, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    return DCLIPModel(DCLIPConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=8)).eval()
+
+
+def test_captions_are_cut_to_the_text_towers_positions_whatever_the_tokenizer_says(embedded_processor, tmp_path):
+    """A CLIP-like text tower with 24 positions and a tokenizer without a model_max_length (as some CLIP
+    tokenizers are saved): the processor saved beside the model cuts captions to 24 tokens."""
+    model = _tiny_clip_text_student(max_positions=24)
+    tokenizer = copy.deepcopy(embedded_processor.tokenizer)
+    tokenizer.model_max_length = int(1e30)  # transformers' VERY_LARGE_INTEGER: "no limit known"
+    processor = DCLIPProcessor(image_processor=embedded_processor.image_processor, tokenizer=tokenizer)
+    long_caption = "a cat sitting on a mat " * 40
+    unsafe = processor(text=[long_caption])
+    assert unsafe["input_ids"].shape[1] > 24  # the negative control: more tokens than the tower has positions
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.get_text_features(**unsafe)
+
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    for reloaded in (
+        DCLIPProcessor.from_pretrained(tmp_path / "model"),
+        AutoProcessor.from_pretrained(tmp_path / "model"),
+    ):
+        assert reloaded.tokenizer.model_max_length > 10**6 and reloaded.max_text_length == 24
+        batch = reloaded(text=[long_caption, "a cat"], max_length=100)  # a larger max_length is capped too
+        assert batch["input_ids"].shape[1] == 24
+        with torch.no_grad():
+            assert model.get_text_features(**batch).pooler_output.shape == (2, 8)
+
+
+def test_from_vision_text_pretrained_records_the_text_towers_positions(embedded_processor, tiny_clip, tmp_path):
+    assert embedded_processor.text_position_limit == 512  # all-MiniLM-L6-v2's BERT positions
+    tiny_clip.save_pretrained(tmp_path / "clip")
+    embedded_processor.tokenizer.save_pretrained(tmp_path / "clip")
+    embedded_processor.image_processor.save_pretrained(tmp_path / "clip")
+    processor = DCLIPProcessor.from_vision_text_pretrained(str(tmp_path / "clip"), str(tmp_path / "clip"))
+    assert processor.text_position_limit == tiny_clip.config.text_config.max_position_embeddings == 32
+    assert processor(text=["a cat sitting on a mat " * 40])["input_ids"].shape[1] == 32

@@ -13,6 +13,9 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import httpx2
@@ -22,9 +25,11 @@ from huggingface_hub.utils import close_session, set_client_factory
 from huggingface_hub.utils._http import default_client_factory
 from test_cards import build_run
 
+from modeling_dclip import DCLIPProcessor
 from modeling_dclip.cli import main as dclip_main
 from modeling_dclip.publishing.cards import write_model_cards
-from modeling_dclip.publishing.push import ModelFolderError, check_model_folder, push_model_folder
+from modeling_dclip.publishing.push import ModelFolderError, check_model_folder, plan_upload, push_model_folder
+from modeling_dclip.regions import YoloRegionExtractor
 
 EXPECTED_FILES = {
     "README.md",
@@ -84,7 +89,6 @@ def _remove_auto_map(folder: Path) -> None:
         (lambda f: (f / "processor_config.json").unlink(), "processor_config.json is missing"),
         (lambda f: (f / "tokenizer.json").unlink(), "no tokenizer vocabulary"),
         (lambda f: (f / "model.safetensors").unlink(), "model.safetensors is missing"),
-        (lambda f: (f / "pytorch_model.bin").write_bytes(b"pickle"), "pickle files ['pytorch_model.bin']"),
     ],
 )
 def test_incomplete_folder_is_refused(student_folder, damage, problem, capsys):
@@ -264,3 +268,107 @@ def test_push_without_a_token_says_how_to_log_in(student_folder, monkeypatch, tm
 def test_invalid_repo_id_is_refused(student_folder, capsys):
     assert dclip_main(["push", "--model-dir", str(student_folder), "--repo-id", "not a/valid//id"]) == 2
     assert "not a/valid//id" in capsys.readouterr().err
+
+
+def _add_training_state(folder: Path) -> None:
+    """What a single-stage trainer leaves in its output folder besides the model (its default work_dir)."""
+    (folder / "training" / "checkpoints" / "step_2").mkdir(parents=True)
+    (folder / "training" / "train_regions.safetensors").write_bytes(b"\x00" * 64)
+    (folder / "training" / "checkpoints" / "step_2" / "optimizer.bin").write_bytes(b"pickle")
+    (folder / "training_complete.json").write_text('{"stage": "distill_student"}')
+    (folder / "pytorch_model.bin").write_bytes(b"pickle")
+    (folder / "extra_weights.safetensors").write_bytes(b"\x00" * 8)
+
+
+def test_only_the_models_files_are_uploaded_and_the_rest_is_listed(student_folder, capsys):
+    _add_training_state(student_folder)
+    plan = plan_upload(student_folder)
+    assert {path for path, _ in plan.files} == EXPECTED_FILES
+    assert {path for path, _ in plan.excluded} == {
+        "training/train_regions.safetensors",
+        "training/checkpoints/step_2/optimizer.bin",
+        "training_complete.json",
+        "pytorch_model.bin",
+        "extra_weights.safetensors",
+    }
+    assert dclip_main(["push", "--model-dir", str(student_folder), "--repo-id", "org/name", "--dry-run"]) == 0
+    output = capsys.readouterr().out
+    assert output.startswith(f"would upload {len(EXPECTED_FILES)} files")
+    left_out = output.split("left out 5 files that are not the model's (add them with --include PATTERN):\n", 1)[1]
+    assert "  training/ (2 files)  " in left_out and "  pytorch_model.bin  " in left_out
+
+    # Asked for, other files are uploaded; a pickle among them is still refused, by name.
+    assert {path for path, _ in plan_upload(student_folder, include=["extra_*.safetensors"]).files} == {
+        *EXPECTED_FILES,
+        "extra_weights.safetensors",
+    }
+    with pytest.raises(ModelFolderError, match=r"pickle files \['training/checkpoints/step_2/optimizer.bin'\]"):
+        plan_upload(student_folder, include=["training"])
+
+
+@pytest.fixture(scope="module")
+def yolo_weights(tmp_path_factory) -> Path:
+    ultralytics = pytest.importorskip("ultralytics", reason="YOLO regions need the `yolo` extra")
+    path = tmp_path_factory.mktemp("detector") / "scenes-yolo.pt"
+    ultralytics.YOLO("yolov8n.yaml").save(path)
+    return path
+
+
+def test_detector_weights_travel_with_the_teacher(published_run, yolo_weights, tmp_path, sample_photos):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(published_run / "teacher", teacher)
+    processor = DCLIPProcessor.from_pretrained(teacher)
+    processor.region_extractor = YoloRegionExtractor(yolo_weights, conf=0.99, imgsz=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file that exists is copied: nothing to warn about
+        processor.save_pretrained(teacher)
+    saved = json.loads((teacher / "processor_config.json").read_text())["region_config"]
+    assert saved["weights"] == "region_detector/scenes-yolo.pt"
+    assert (teacher / "region_detector" / "scenes-yolo.pt").read_bytes() == yolo_weights.read_bytes()
+    assert processor.region_config["weights"] == str(yolo_weights)  # the live processor is unchanged
+
+    # The upload carries the weights, and the uploaded files alone make a working teacher elsewhere.
+    files = {path for path, _ in check_model_folder(teacher)}
+    assert "region_detector/scenes-yolo.pt" in files
+    elsewhere = tmp_path / "downloaded"
+    for path in files:
+        (elsewhere / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(teacher / path, elsewhere / path)
+    yolo_weights.rename(yolo_weights.with_suffix(".moved"))  # the original path no longer exists
+    try:
+        reloaded = DCLIPProcessor.from_pretrained(elsewhere)
+        assert reloaded.region_config["weights"] == str(elsewhere / "region_detector" / "scenes-yolo.pt")
+        batch = reloaded(images=[sample_photos["coffee"]], regions=True)  # the detector runs from the copy
+        assert batch["region_mask"].shape[0] == 1
+    finally:
+        yolo_weights.with_suffix(".moved").rename(yolo_weights)
+
+
+def test_a_detector_path_of_this_machine_warns_at_save_and_stops_the_push(published_run, tmp_path, capsys):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(published_run / "teacher", teacher)
+    processor = DCLIPProcessor.from_pretrained(teacher)
+    missing = tmp_path / "gone" / "detector.pt"
+    processor.region_config = {"type": "yolo", "weights": str(missing)}
+    with pytest.warns(UserWarning, match=r"do not exist on this machine.*dclip push"):
+        processor.save_pretrained(teacher)
+    assert dclip_main(["push", "--model-dir", str(teacher), "--repo-id", "org/teacher", "--dry-run"]) == 2
+    error = capsys.readouterr().err
+    assert f"the region detector's weights are {str(missing)!r}, a path on this machine" in error
+    assert "save_pretrained" in error
+
+
+def test_push_dry_run_as_an_installed_command(published_run, tmp_path):
+    """`dclip push --dry-run` from a folder outside the repository, through the console script."""
+    dclip = Path(sys.executable).with_name("dclip")
+    if not dclip.is_file():
+        pytest.skip(f"no dclip console script beside {sys.executable}")
+    result = subprocess.run(
+        [str(dclip), "push", "--model-dir", str(published_run / "student"), "--repo-id", "org/name", "--dry-run"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"would upload {len(EXPECTED_FILES)} files")

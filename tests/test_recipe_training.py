@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import ACCELERATE, REPO, SUBPROCESS_ENV, cpu_one_thread, tiny_base  # noqa: F401 (fixtures)
+from test_training import ACCELERATE, REPO, cpu_one_thread, subprocess_env, tiny_base  # noqa: F401 (fixtures)
 
 from modeling_dclip import DCLIPModel, DCLIPProcessor
 from modeling_dclip.encoding import encode_texts
@@ -79,11 +79,11 @@ def launch(config_name: str, data: str, output_dir: Path, *overrides: str) -> di
             "0",
             "--learning_rate",
             "1e-3",
-            "--checkpointing_steps",
+            "--save_steps",
             "0",
             *overrides,
         ],
-        env=SUBPROCESS_ENV,
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,

@@ -37,7 +37,7 @@ def test_tiny_run_writes_loadable_models_and_results(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--preset", "tiny", "--output-dir", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results) >= {"models", "dataset", "config", "versions"}
+    assert set(results) >= {"models", "dataset", "stages", "versions"}
     assert set(results["models"]) == {"base", "teacher", "student"}
     for metrics in results["models"].values():
         assert METRIC_KEYS <= set(metrics)

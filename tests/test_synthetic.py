@@ -1,5 +1,5 @@
 """Synthetic compositional scenes: determinism, exact boxes, true captions, one-swap false hard negatives,
-zero-shot labels, and the YOLO export that ultralytics trains on."""
+zero-shot labels. Their YOLO export is tested in test_yolo_export.py."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import re
 
 import numpy as np
 import pytest
-import yaml
-from datasets import ClassLabel, Dataset, DatasetDict
-from PIL import Image
+from datasets import Dataset, DatasetDict
 
 from modeling_dclip.data.synthetic import (
     COLORS,
@@ -17,7 +15,6 @@ from modeling_dclip.data.synthetic import (
     SHAPES,
     SIZES,
     SceneConfig,
-    export_yolo,
     generate_scene,
     make_synthetic_dataset,
     make_synthetic_splits,
@@ -257,73 +254,3 @@ def test_bad_configuration_is_rejected_by_name() -> None:
         SceneConfig(backgrounds=("plasma",))
     with pytest.raises(ValueError, match="seed"):
         make_synthetic_dataset(2, seed=-1)
-
-
-def _read_yolo_labels(path) -> list[list[float]]:
-    return [[float(v) for v in line.split()] for line in path.read_text().splitlines()]
-
-
-def test_export_yolo_writes_a_well_formed_detection_dataset(tmp_path) -> None:
-    dataset = make_synthetic_dataset(10, seed=2, image_size=64)
-    data_yaml = export_yolo(dataset, tmp_path / "yolo", val_fraction=0.3, seed=0)
-    spec = yaml.safe_load(data_yaml.read_text())
-    root = tmp_path / "yolo"
-    assert spec == {
-        "path": str(root.resolve()),
-        "train": "images/train",
-        "val": "images/val",
-        "names": dict(enumerate(SHAPES)),
-    }
-    train_images = sorted((root / "images" / "train").iterdir())
-    val_images = sorted((root / "images" / "val").iterdir())
-    assert (len(train_images), len(val_images)) == (7, 3)
-    for image_path in train_images + val_images:
-        row = dataset[int(image_path.stem)]
-        assert image_path.suffix == ".png"
-        assert np.array_equal(np.asarray(row["image"]), np.asarray(Image.open(image_path)))
-        split = image_path.parent.name
-        lines = _read_yolo_labels(root / "labels" / split / f"{image_path.stem}.txt")
-        assert [int(line[0]) for line in lines] == row["labels"]
-        for (_, cx, cy, w, h), (x1, y1, x2, y2) in zip(lines, row["boxes"]):
-            assert np.allclose([cx, cy, w, h], [(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], atol=1e-5)
-            assert 0 < w <= 1 and 0 < h <= 1 and 0 <= cx - w / 2 and cx + w / 2 <= 1 + 1e-6
-
-    # A DatasetDict keeps its own splits; "validation" is accepted for "val".
-    splits = DatasetDict({"train": dataset.select(range(6)), "validation": dataset.select(range(6, 8))})
-    spec = yaml.safe_load(export_yolo(splits, tmp_path / "dict").read_text())
-    assert spec["val"] == "images/val" and "test" not in spec
-    assert len(list((tmp_path / "dict" / "images" / "val").iterdir())) == 2
-
-    with pytest.raises(FileExistsError, match="not empty"):
-        export_yolo(dataset, tmp_path / "yolo")
-    broken = dataset.select(range(3)).map(
-        lambda row, index: {"boxes": [[0.5, 0.5, 0.4, 0.9]] * len(row["boxes"]) if index == 1 else row["boxes"]},
-        with_indices=True,
-    )
-    with pytest.raises(ValueError, match=r"row 1 .*'boxes'\[0\]"):
-        export_yolo(broken, tmp_path / "broken", val_fraction=0.5)
-    assert not (tmp_path / "broken").exists(), "a rejected export must not leave files behind"
-    assert isinstance(dataset.features["labels"].feature, ClassLabel)
-
-
-def test_ultralytics_trains_on_the_export(tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("YOLO_OFFLINE", "1")
-    ultralytics = pytest.importorskip("ultralytics")
-    data_yaml = export_yolo(make_synthetic_dataset(16, seed=3, image_size=64), tmp_path / "yolo", val_fraction=0.25)
-    model = ultralytics.YOLO("yolov8n.yaml")
-    model.train(
-        data=str(data_yaml),
-        epochs=1,
-        imgsz=64,
-        batch=8,
-        workers=0,
-        device="cpu",
-        plots=False,
-        project=str(tmp_path / "runs"),
-        name="synthetic",
-        exist_ok=True,
-        verbose=False,
-    )
-    weights = tmp_path / "runs" / "synthetic" / "weights"
-    assert (weights / "last.pt").stat().st_size > 0
-    assert (weights / "best.pt").stat().st_size > 0

@@ -15,7 +15,8 @@ from PIL import Image
 pytest.importorskip("ultralytics")
 
 from modeling_dclip.cli import main as cli_main  # noqa: E402
-from modeling_dclip.data.synthetic import export_yolo, make_synthetic_dataset  # noqa: E402
+from modeling_dclip.data.synthetic import make_synthetic_dataset  # noqa: E402
+from modeling_dclip.data.yolo_export import export_yolo  # noqa: E402
 from modeling_dclip.regions import YoloRegionExtractor  # noqa: E402
 from modeling_dclip.training.detector import resolve_data_yaml, train_detector  # noqa: E402
 

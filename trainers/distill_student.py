@@ -1,8 +1,8 @@
 """`accelerate launch trainers/distill_student.py --config trainers/configs/distill_student.yaml [--<field> VALUE ...]`
 
-Thin entry point: every field of `modeling_dclip.training.DistillConfig` can be set in the YAML file or overridden
-on the command line (values are read as YAML: `--loss_weights '{contrastive: 1}'`,
-`--freeze_patterns '[text_model.*]'`).
+Thin entry point: every field of `modeling_dclip.training.DistillConfig` can be set in the YAML file or overridden on
+the command line (`--help` describes each); mapping and list fields take YAML (`--loss_weights '{contrastive: 1}'`,
+`--freeze_patterns '[text_model.*]'`). Ctrl-C stops the run and says where it can resume from.
 """
 
 import sys
@@ -11,7 +11,10 @@ from modeling_dclip.commands.train_stage import train_stage
 
 
 def main(argv: list[str] | None = None) -> int:
-    train_stage("distill_student", argv)
+    try:
+        train_stage("distill_student", argv)
+    except KeyboardInterrupt:
+        return 130  # the loop has said where the run can resume from
     return 0
 
 

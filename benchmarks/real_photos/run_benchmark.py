@@ -1,282 +1,373 @@
-"""Real-photo benchmark: DCLIP on Flickr8k with CIFAR-10 zero-shot retention, side by side with its base.
+"""Real-photo benchmark v2: full Flickr8k, real YOLO regions, and the control the paper never ran (plain fine-tuning).
 
-For each seed, the `dclip run` pipeline (`modeling_dclip.training.pipeline.run_pipeline`) on a Karpathy-split
-dataset: align the base dual encoder (embedded towers) on train, extract regions (grid, or YOLO with `--yolo-weights`),
-train the teacher and distil the student, selecting checkpoints on val only. Then base, teacher and student are
-evaluated on test and val (retrieval both ways, mAP), base and student (and WiSE-FT interpolations of the student
-with its base) on CIFAR-10 zero-shot with the standard CIFAR-10 templates. Results are aggregated over seeds as mean
-and sample standard deviation (ddof=1).
+    python benchmarks/real_photos/run_benchmark.py --data ../shared/data/flickr8k --cifar ../shared/data/cifar10-test \
+        --detector ../shared/models/yolov8n-coco-int8/yolov8n_int8.onnx --seeds 0 1 2 --output-dir outputs/real_photos
 
-    python benchmarks/real_photos/run_benchmark.py --data ../shared/data/flickr8k-1k --cifar ../shared/data/cifar10-test
+The protocol is written at the top of `README.md` beside this file. In short: the base (embedded towers, LiT) is
+aligned on a fixed `pretrain` part of Flickr8k train and never sees the fine-tuning photos (protocol `disjoint`; the
+variant `all` aligns it on every train photo); every fine-tuned model starts from it with the same trainable
+parameters and budget; `val` chooses the learning rate (searched for plain fine-tuning and for the DCLIP student,
+at the first seed) and the epoch; `test` (1,000 photos, 5,000 captions) and CIFAR-10 (10,000 images) are only
+reported. Every stage is content-keyed (`modeling_dclip.pipeline.StageRunner`): rerunning the same command reuses
+what finished, so the benchmark can be run across sessions, a seed at a time (`--seeds 1`).
 
-Writes `results.json`, `results.md` and `retention_vs_recall.png` next to this file (or into `--results-dir`);
-training outputs go to `--work-dir` (default `outputs/real_photos`). Finished seeds and evaluations are reused.
+Writes `results.json` (`models.<name>.<metric>.{mean,std}`, `zeroshot_retention`), `results.md` and
+`retention_vs_recall.png` into `--results-dir` (default: beside this file).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+RETRIEVAL = tuple(f"{d}_{m}" for d in ("text_to_image", "image_to_text") for m in ("R@1", "R@5", "R@10", "mAP"))
 WISE_ALPHAS = (0.25, 0.5, 0.75)
-RETRIEVAL_KEYS = tuple(
-    f"{direction}_{measure}"
-    for direction in ("text_to_image", "image_to_text")
-    for measure in ("R@1", "R@5", "R@10", "mAP")
-)
+DEFAULT_BUDGET = {
+    "align": {
+        "num_train_epochs": 10,
+        "batch_size": 128,
+        "learning_rate": 1e-3,
+        "warmup_steps": 20,
+        "train_text_tower": False,
+    },
+    "teacher": {
+        "num_train_epochs": 5,
+        "batch_size": 64,
+        "learning_rate": 5e-4,
+        "warmup_steps": 20,
+        "fusion_dim": 256,
+        "num_attention_heads": 4,
+        "intermediate_size": 512,
+        "dropout": 0.1,
+    },
+    "finetune": {
+        "num_train_epochs": 3,
+        "batch_size": 64,
+        "warmup_steps": 20,
+        "logit_scale": 20.0,
+        "freeze_patterns": [
+            "text_model.*",
+            "vision_model.timm_model.conv_stem.*",
+            "vision_model.timm_model.bn1.*",
+            "vision_model.timm_model.blocks.[0-4].*",
+        ],
+    },
+}
+"""Stage settings: every fine-tuned model gets `finetune` (same frozen blocks, epochs, batch), only its recipe and
+learning rate differ."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--data", required=True, help="Karpathy-split dataset folder or spec (train/val/test)")
-    parser.add_argument("--cifar", required=True, help="CIFAR-10 test images as an image folder (<class>/*.jpg)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="the full Flickr8k as a Karpathy folder")
+    parser.add_argument("--cifar", required=True, help="CIFAR-10 test images (imagefolder layout)")
+    parser.add_argument("--detector", required=True, help="YOLO weights for the teacher's regions (.pt or .onnx)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--config", default=str(HERE / "config.yaml"), help="preset fields for every seed's run")
-    parser.add_argument("--yolo-weights", default=None, help="YOLO weights for the regions (default: the grid)")
-    parser.add_argument("--work-dir", default="outputs/real_photos")
+    parser.add_argument("--protocols", nargs="+", default=["disjoint", "all"], choices=["disjoint", "all"])
+    parser.add_argument("--pretrain-photos", type=int, default=3000, help="train photos the base is aligned on")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4])
+    parser.add_argument("--budget", help="YAML file updating DEFAULT_BUDGET's stage settings")
+    parser.add_argument("--cifar-limit", type=int, default=0, help="first N images per class (0: all 1,000)")
+    parser.add_argument("--output-dir", default="outputs/real_photos")
     parser.add_argument("--results-dir", default=str(HERE))
-    parser.add_argument("--cifar-limit", type=int, default=0, help="evaluate on the first N per class (0: all)")
-    parser.add_argument("--overwrite", action="store_true", help="recompute every seed")
     return parser.parse_args(argv)
 
 
-def cifar_dataset(path: str, per_class_limit: int):
-    from modeling_dclip.data.spec import load_dataset_spec
-
-    dataset = load_dataset_spec(f"imagefolder:{path}")
-    if per_class_limit:
-        seen: dict[int, int] = {}
-        keep = []
-        for row, label in enumerate(dataset["label"]):
-            seen[label] = seen.get(label, 0) + 1
-            if seen[label] <= per_class_limit:
-                keep.append(row)
-        dataset = dataset.select(keep)
-    return dataset
-
-
-def cached_json(path: Path, compute) -> dict[str, Any]:
-    """`compute()`'s result, read back from `path` when an earlier run already wrote it."""
-    if path.is_file():
-        return json.loads(path.read_text())
-    from modeling_dclip.training.checkpointing import write_json_atomically
-
-    result = compute()
-    write_json_atomically(path, result)
-    return result
-
-
-def evaluate_seed(run_dir: Path, cifar, log) -> dict[str, Any]:
-    """Val metrics of the three models, CIFAR-10 zero-shot of base and student, and the WiSE-FT curve."""
-    import datasets
-
-    from modeling_dclip import DCLIPModel, DCLIPProcessor, DCLIPTeacherModel
-    from modeling_dclip.evaluation import evaluate_model
-    from modeling_dclip.training.distill import wise_ft
-
-    splits = datasets.load_from_disk(str(run_dir / "work" / "data"))
-    evaluations = run_dir / "work" / "benchmark"
-    evaluations.mkdir(parents=True, exist_ok=True)
-
-    def timed(name: str, compute):
-        def run() -> dict[str, float]:
-            start = time.perf_counter()
-            metrics = compute()
-            log(f"  {run_dir.name} {name}: {time.perf_counter() - start:.0f} s")
-            return metrics
-
-        return cached_json(evaluations / f"{name}.json", run)
-
-    processor = DCLIPProcessor.from_pretrained(str(run_dir / "student"))
-    base = DCLIPModel.from_pretrained(str(run_dir / "base"))
-    student = DCLIPModel.from_pretrained(str(run_dir / "student"))
-    val = {}
-    if "val" in splits:  # a data set without a val split is still scored on test
-        val = {
-            "base": timed("val_base", lambda: evaluate_model(base, processor, splits["val"])),
-            "student": timed("val_student", lambda: evaluate_model(student, processor, splits["val"])),
-            "teacher": timed(
-                "val_teacher",
-                lambda: evaluate_model(
-                    DCLIPTeacherModel.from_pretrained(str(run_dir / "teacher")),
-                    DCLIPProcessor.from_pretrained(str(run_dir / "teacher")),
-                    splits["val"],
-                    cache_dir=evaluations / "regions",
-                ),
-            ),
-        }
-
-    def zeroshot(model) -> dict[str, float]:
-        metrics = evaluate_model(model, processor, cifar, tasks=("zeroshot",), templates="cifar10")
-        return {"cifar10_top1": metrics["zeroshot_top1"], "cifar10_top5": metrics["zeroshot_top5"]}
-
-    cifar10 = {
-        "base": timed("cifar10_base", lambda: zeroshot(base)),
-        "student": timed("cifar10_student", lambda: zeroshot(student)),
-    }
-    wise = {}
-    for alpha in WISE_ALPHAS:
-
-        def interpolated(alpha: float = alpha):
-            model = DCLIPModel.from_pretrained(str(run_dir / "student"))
-            wise_ft(model, base, alpha)
-            return {**evaluate_model(model, processor, splits["test"]), **zeroshot(model)}
-
-        wise[str(alpha)] = timed(f"wise_{alpha}", interpolated)
-    return {"val": val, "cifar10": cifar10, "wise": wise}
-
-
 def mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
-def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    seeds = sorted(per_seed)
-    models: dict[str, dict[str, dict[str, float]]] = {}
-    for role in ("base", "teacher", "student"):
-        metrics: dict[str, list[float]] = {}
-        for seed in seeds:
-            test = per_seed[seed]["test"][role]
-            values = {key: test[key] for key in RETRIEVAL_KEYS if key in test}
-            if per_seed[seed]["val"]:
-                values.update({f"val_{key}": per_seed[seed]["val"][role][key] for key in RETRIEVAL_KEYS})
-            if role in per_seed[seed]["cifar10"]:
-                values["cifar10_top1"] = per_seed[seed]["cifar10"][role]["cifar10_top1"]
-            for key, value in values.items():
-                metrics.setdefault(key, []).append(value)
-        models[role] = {key: mean_std(values) for key, values in metrics.items()}
-    retention = [
-        per_seed[s]["cifar10"]["student"]["cifar10_top1"] / per_seed[s]["cifar10"]["base"]["cifar10_top1"]
-        for s in seeds
-    ]
-    wise = {}
-    for alpha in WISE_ALPHAS:
-        runs = [per_seed[s]["wise"][str(alpha)] for s in seeds]
-        wise[str(alpha)] = {
-            "text_to_image_R@1": mean_std([run["text_to_image_R@1"] for run in runs]),
-            "image_to_text_R@1": mean_std([run["image_to_text_R@1"] for run in runs]),
-            "cifar10_top1": mean_std([run["cifar10_top1"] for run in runs]),
-            "zeroshot_retention": mean_std(
-                [run["cifar10_top1"] / per_seed[s]["cifar10"]["base"]["cifar10_top1"] for run, s in zip(runs, seeds)]
-            ),
+class Benchmark:
+    """One protocol's models, each trained and evaluated as a content-keyed stage."""
+
+    def __init__(self, args: argparse.Namespace, protocol: str, budget: dict[str, dict], log=print):
+        from modeling_dclip.data.spec import load_dataset_spec
+        from modeling_dclip.feature_store import FeatureStore, images_fingerprint
+        from modeling_dclip.pipeline import StageRunner, data_fingerprint
+
+        self.args, self.protocol, self.budget, self.log = args, protocol, budget, log
+        self.out = Path(args.output_dir) / protocol
+        self.runner = StageRunner(self.out / "work", log)
+        self.store = FeatureStore()
+        flickr = load_dataset_spec(args.data)
+        split = {
+            name: flickr.filter(lambda s, n=name: s == n, input_columns="split") for name in ("train", "val", "test")
         }
-    return {"seeds": seeds, "models": models, "zeroshot_retention": mean_std(retention), "wise_ft": wise}
+        rows = list(range(len(split["train"])))
+        random.Random(1234).shuffle(rows)  # a fixed list, whatever the seed
+        pretrain_rows = sorted(rows[: args.pretrain_photos]) if protocol == "disjoint" else rows
+        finetune_rows = sorted(rows[args.pretrain_photos :]) if protocol == "disjoint" else rows
+        self.splits = {
+            "pretrain": split["train"].select(pretrain_rows),
+            "finetune": split["train"].select(finetune_rows),
+            "val": split["val"],
+            "test": split["test"],
+        }
+        self.cifar = load_dataset_spec(f"imagefolder:{args.cifar}")
+        if args.cifar_limit:
+            seen: dict[int, int] = {}
+            keep = []
+            for row, label in enumerate(self.cifar["label"]):
+                seen[label] = seen.get(label, 0) + 1
+                if seen[label] <= args.cifar_limit:
+                    keep.append(row)
+            self.cifar = self.cifar.select(keep)
+        self.fingerprints = {name: data_fingerprint(rows) for name, rows in self.splits.items()}
+        self.cifar_fingerprint = {"rows": len(self.cifar), "images": images_fingerprint(self.cifar)}
+        self.records: dict[str, dict] = {}
+
+    def stage(self, name: str, config_class, fields: dict, inputs: dict, train) -> dict:
+        from modeling_dclip.pipeline import _config_inputs
+        from modeling_dclip.training import load_stage_config
+
+        config = load_stage_config(
+            config_class,
+            output_dir=str(self.out / name),
+            work_dir=str(self.out / "work" / name),
+            eval_split="",
+            image_size=self.args.image_size,
+            **fields,
+        )
+        record = self.runner.run(
+            name, self.out / name, {"config": _config_inputs(config), **inputs}, lambda: train(config)
+        )
+        self.records[name] = record
+        return record
+
+    def base(self) -> dict:
+        from modeling_dclip.training import AlignConfig, align_base
+
+        return self.stage(
+            "base",
+            AlignConfig,
+            {"seed": 0, **self.budget["align"]},
+            {"data": self.fingerprints["pretrain"]},
+            lambda config: align_base(config, self.splits["pretrain"], store=self.store),
+        )
+
+    def teacher(self) -> dict:
+        from modeling_dclip.training import TeacherConfig, train_teacher
+
+        regions = {"type": "yolo", "weights": self.args.detector, "max_regions": 10, "conf": 0.25}
+        fields = {"seed": 0, "base_model": str(self.out / "base"), "regions": regions, **self.budget["teacher"]}
+        from modeling_dclip.pipeline import model_source_fingerprint
+
+        inputs = {
+            "base": self.records["base"]["fingerprint"],
+            "data": self.fingerprints["finetune"],
+            "detector": model_source_fingerprint(self.args.detector),
+        }
+        return self.stage(
+            "teacher",
+            TeacherConfig,
+            fields,
+            inputs,
+            lambda config: train_teacher(config, self.splits["finetune"], store=self.store),
+        )
+
+    def finetune(self, name: str, seed: int, recipe: str | dict, learning_rate: float, **extra) -> dict:
+        from modeling_dclip.evaluation import validator
+        from modeling_dclip.training import DistillConfig, distill_student
+
+        # Plain fine-tuning and Knowledge-CLIP read no image teacher; ConaCLIP's teacher encoders are the frozen base.
+        teacher = {"contrastive": None, "knowledge_clip": None, "conaclip": str(self.out / "base")}.get(
+            recipe, str(self.out / "teacher")
+        )
+        fields = {
+            "seed": seed,
+            "base_model": str(self.out / "base"),
+            "teacher_model": teacher,
+            "loss_weights": recipe,
+            "learning_rate": learning_rate,
+            **self.budget["finetune"],
+            **extra,
+        }
+        inputs = {
+            "base": self.records["base"]["fingerprint"],
+            "data": self.fingerprints["finetune"],
+            "val": self.fingerprints["val"],
+            "teacher": self.records["teacher"]["fingerprint"] if teacher == str(self.out / "teacher") else None,
+        }
+        evaluate = validator(self.splits["val"], 64)
+        return self.stage(
+            name,
+            DistillConfig,
+            fields,
+            inputs,
+            lambda config: distill_student(config, self.splits["finetune"], evaluate, store=self.store),
+        )
+
+    def evaluate(self, name: str, folder: str, wise_alpha: float = 1.0) -> dict[str, float]:
+        """Test retrieval (teacher: pairwise) and, for dual encoders, CIFAR-10 zero-shot; content-keyed."""
+        from modeling_dclip.atomic import write_json_atomically
+        from modeling_dclip.evaluation import evaluate_model
+        from modeling_dclip.loading import load_model_and_processor
+
+        model_record = self.records[folder]
+        target = self.out / "work" / "evaluation" / f"{name}"
+
+        def run() -> None:
+            model, processor = load_model_and_processor(self.out / folder, device="cpu")
+            if wise_alpha < 1.0:
+                from modeling_dclip.training.distill import wise_ft
+
+                wise_ft(model, load_model_and_processor(self.out / "base", device="cpu")[0], wise_alpha)
+            metrics = evaluate_model(model, processor, self.splits["test"], ["retrieval"], store=self.store)
+            if folder != "teacher":
+                cifar = evaluate_model(
+                    model, processor, self.cifar, ["zeroshot"], templates="cifar10", store=self.store
+                )
+                metrics["cifar10_top1"] = cifar["zeroshot_top1"]
+            if folder in ("base", "teacher"):  # what the teacher adds over its base, on photos it never saw
+                val = evaluate_model(model, processor, self.splits["val"], ["retrieval"], store=self.store)
+                metrics.update({f"val_{key}": value for key, value in val.items()})
+            write_json_atomically(target / "metrics.json", metrics)
+
+        inputs = {
+            "model": model_record["fingerprint"],
+            "wise_alpha": wise_alpha,
+            "test": self.fingerprints["test"],
+            "cifar": self.cifar_fingerprint,
+            "version": 2,
+        }
+        self.runner.run(f"evaluate_{name}", target, inputs, run)
+        return json.loads((target / "metrics.json").read_text())
 
 
-def results_markdown(results: dict[str, Any], command: str) -> str:
-    models = results["models"]
-    keys = [key for key in (*RETRIEVAL_KEYS, "cifar10_top1") if key in models["base"]]
-    lines = [
-        "# Real-photo benchmark: Flickr8k retrieval and CIFAR-10 zero-shot retention",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Seeds {results['seeds']}; mean ± sample std (ddof=1) in percent; retrieval on the test split, checkpoints "
-        "selected on val. The teacher has no CIFAR-10 figure: it scores (image, text) pairs through its fusion and is "
-        "not used as a classifier.",
-        "",
-        "| metric | " + " | ".join(models) + " |",
-        "|---|" + "---|" * len(models),
-    ]
-    for key in keys:
-        cells = [
-            f"{100 * models[m][key]['mean']:.1f} ± {100 * models[m][key]['std']:.1f}" if key in models[m] else "-"
-            for m in models
+def select_learning_rate(bench: Benchmark, name: str, recipe, learning_rates: list[float]) -> float:
+    """The learning rate whose best epoch has the highest val R@1 (both directions summed), at the first seed."""
+    scores = {}
+    for rate in learning_rates:
+        record = bench.finetune(f"{name}-lr{rate:g}-seed{bench.args.seeds[0]}", bench.args.seeds[0], recipe, rate)
+        summary = json.loads((Path(bench.out) / record["stage"] / "training_complete.json").read_text())
+        best = max(summary["history"], key=lambda row: row["text_to_image_R@1"] + row["image_to_text_R@1"])
+        scores[rate] = best["text_to_image_R@1"] + best["image_to_text_R@1"]
+    bench.log(f"[real_photos] {name}: val R@1 sums by learning rate {scores}")
+    return max(scores, key=scores.get)
+
+
+def run_protocol(args: argparse.Namespace, protocol: str, budget: dict) -> dict[str, Any]:
+    bench = Benchmark(args, protocol, budget)
+    started = time.perf_counter()
+    bench.base()
+    bench.teacher()
+    per_model: dict[str, list[dict[str, float]]] = {}
+    per_model["base"] = [bench.evaluate("base", "base")]
+    per_model["teacher"] = [bench.evaluate("teacher", "teacher")]
+    rates = {
+        "plain fine-tuning": select_learning_rate(bench, "plain", "contrastive", args.learning_rates),
+        "DCLIP student": select_learning_rate(bench, "dclip", "dclip", args.learning_rates),
+    }
+    recipes = {
+        "plain fine-tuning": ("plain", "contrastive", rates["plain fine-tuning"]),
+        "DCLIP student": ("dclip", "dclip", rates["DCLIP student"]),
+        "ConaCLIP student": ("conaclip", "conaclip", rates["DCLIP student"]),
+        "Knowledge-CLIP student": ("knowledge", "knowledge_clip", rates["DCLIP student"]),
+    }
+    for seed in args.seeds:
+        for label, (name, recipe, rate) in recipes.items():
+            extra = {"text_teacher_model": "dclip-embedded/all-MiniLM-L6-v2"} if recipe == "knowledge_clip" else {}
+            folder = f"{name}-lr{rate:g}-seed{seed}"
+            bench.finetune(folder, seed, recipe, rate, **extra)
+            per_model.setdefault(label, []).append(bench.evaluate(folder, folder))
+        for alpha in WISE_ALPHAS:
+            folder = f"dclip-lr{rates['DCLIP student']:g}-seed{seed}"
+            label = f"DCLIP student WiSE-FT {alpha:g}"
+            per_model.setdefault(label, []).append(bench.evaluate(f"{folder}-wise{alpha:g}", folder, alpha))
+    base_cifar = per_model["base"][0]["cifar10_top1"]
+    models = {
+        label: {key: mean_std([run[key] for run in runs]) for key in runs[0]} for label, runs in per_model.items()
+    }
+    retention = {
+        label: mean_std([run["cifar10_top1"] / base_cifar for run in runs])
+        for label, runs in per_model.items()
+        if "cifar10_top1" in runs[0]
+    }
+    return {
+        "models": models,
+        "zeroshot_retention": retention,
+        "learning_rates": rates,
+        "splits": {name: len(rows) for name, rows in bench.splits.items()},
+        "cifar_images": len(bench.cifar),
+        "timings_s": bench.runner.timings,
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+
+
+def write_results(results: dict[str, Any], folder: Path) -> None:
+    from modeling_dclip.atomic import write_json_atomically, write_text_atomically
+
+    write_json_atomically(folder / "results.json", results)
+    lines = ["# Real-photo benchmark v2: results", "", f"Command: `{results['command']}`", ""]
+    for protocol, found in results["protocols"].items():
+        lines += [
+            f"## Protocol `{protocol}` (splits {found['splits']}, CIFAR-10 {found['cifar_images']} images, "
+            f"learning rates chosen on val: {found['learning_rates']})",
+            "",
+            "| model | " + " | ".join(RETRIEVAL) + " | CIFAR-10 top-1 | retention |",
+            "|---|" + "---|" * (len(RETRIEVAL) + 2),
         ]
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    retention = results["zeroshot_retention"]
-    lines += [
-        "",
-        "Zero-shot retention (student / base CIFAR-10 top-1): "
-        f"{100 * retention['mean']:.1f}% ± {100 * retention['std']:.1f}",
-        "",
-        "WiSE-FT (student weights interpolated with the base's, alpha = weight of the student):",
-        "",
-        "| alpha | text_to_image_R@1 | image_to_text_R@1 | cifar10_top1 | retention |",
-        "|---|---|---|---|---|",
-    ]
-    for alpha, row in results["wise_ft"].items():
-        cells = [
-            f"{100 * row[k]['mean']:.1f} ± {100 * row[k]['std']:.1f}"
-            for k in ("text_to_image_R@1", "image_to_text_R@1", "cifar10_top1", "zeroshot_retention")
-        ]
-        lines.append(f"| {alpha} | " + " | ".join(cells) + " |")
-    lines += ["", f"Wall time: {results['wall_time_s'] / 60:.1f} min.", ""]
-    return "\n".join(lines)
+        for label, metrics in found["models"].items():
+            cells = [
+                f"{100 * metrics[k]['mean']:.1f} ± {100 * metrics[k]['std']:.1f}" if k in metrics else "–"
+                for k in (*RETRIEVAL, "cifar10_top1")
+            ]
+            kept = found["zeroshot_retention"].get(label)
+            cells.append(f"{100 * kept['mean']:.1f} ± {100 * kept['std']:.1f}" if kept else "–")
+            lines.append(f"| {label} (n={next(iter(metrics.values()))['n']}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    write_text_atomically(folder / "results.md", "\n".join(lines) + "\n")
+    try:
+        import matplotlib
 
-
-def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = results["models"]
-    points = [("base", 1.0, models["base"]["text_to_image_R@1"]["mean"])]
-    for alpha, row in results["wise_ft"].items():
-        points.append((f"WiSE-FT {alpha}", row["zeroshot_retention"]["mean"], row["text_to_image_R@1"]["mean"]))
-    points.append(("student", results["zeroshot_retention"]["mean"], models["student"]["text_to_image_R@1"]["mean"]))
-    figure, axes = plt.subplots(figsize=(6, 4.5))
-    axes.plot([100 * p[1] for p in points], [100 * p[2] for p in points], "o-", color="tab:blue")
-    for name, retention, recall in points:
-        axes.annotate(name, (100 * retention, 100 * recall), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    axes.set_xlabel("CIFAR-10 zero-shot retention (% of base top-1)")
-    axes.set_ylabel("Flickr8k test text-to-image R@1 (%)")
-    axes.set_title(f"Retrieval vs zero-shot retention ({len(results['seeds'])} seeds, means)")
-    axes.grid(alpha=0.3)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for protocol, found in results["protocols"].items():
+        for label, kept in found["zeroshot_retention"].items():
+            recall = found["models"][label]["text_to_image_R@1"]["mean"]
+            axis.scatter(100 * recall, 100 * kept["mean"], marker="o" if protocol == "disjoint" else "s")
+            axis.annotate(f"{label} ({protocol})", (100 * recall, 100 * kept["mean"]), fontsize=6)
+    axis.set_xlabel("Flickr8k test text-to-image R@1 (%)")
+    axis.set_ylabel("CIFAR-10 zero-shot retention (%)")
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    figure.savefig(folder / "retention_vs_recall.png", dpi=150)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     import sys
 
-    from modeling_dclip.training.pipeline import load_preset, run_pipeline
+    import yaml
 
     args = parse_args(argv)
-    command = "python benchmarks/real_photos/run_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    start = time.perf_counter()
-    regions = {"type": "yolo", "weights": args.yolo_weights} if args.yolo_weights else None
-    cifar = cifar_dataset(args.cifar, args.cifar_limit)
-    per_seed = {}
-    for seed in args.seeds:
-        run_dir = Path(args.work_dir) / f"seed{seed}"
-        overrides = {"data": args.data, "seed": seed}
-        if regions:
-            overrides["regions"] = regions
-        preset = load_preset("default", args.config, **overrides)
-        print(f"[real photos] seed {seed}: pipeline into {run_dir}", flush=True)
-        results = run_pipeline(run_dir, preset, overwrite=args.overwrite)
-        per_seed[seed] = {
-            "test": results["models"],
-            "timings_s": results["timings_s"],
-            **evaluate_seed(run_dir, cifar, lambda line: print(line, flush=True)),
-        }
-    results = aggregate(per_seed)
-    results.update(
-        {
-            "wall_time_s": round(time.perf_counter() - start, 1),
-            "command": command,
-            "data": args.data,
-            "cifar10": {"path": args.cifar, "images": len(cifar)},
-            "regions": regions or "grid (config.yaml)",
-            "per_seed": per_seed,
-        }
-    )
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "results.md").write_text(results_markdown(results, command))
-    plot(results, out / "retention_vs_recall.png")
-    print((out / "results.md").read_text())
-    return 0
+    budget = json.loads(json.dumps(DEFAULT_BUDGET))
+    if args.budget:
+        for stage, fields in (yaml.safe_load(Path(args.budget).read_text()) or {}).items():
+            budget[stage].update(fields)
+    results = {
+        "command": " ".join(["python", *sys.argv]),
+        "budget": budget,
+        "image_size": args.image_size,
+        "seeds": args.seeds,
+        "protocols": {},
+    }
+    for protocol in args.protocols:
+        results["protocols"][protocol] = run_protocol(args, protocol, budget)
+        write_results(results, Path(args.results_dir))
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -7,7 +7,7 @@ runs both data sets by default: the synthetic scenes (held-out `test` split) and
 `test` split), each model also scored on CIFAR-10 zero-shot (`--cifar10`, default ../shared/data/cifar10-test) so
 that every recipe's zero-shot retention (its top-1 / the base's, per seed) is reported.
 
-Per data set and seed, `modeling_dclip.training.pipeline.run_pipeline` makes the data, the base, the DCLIP teacher and
+Per data set and seed, `modeling_dclip.pipeline.run_pipeline` makes the data, the base, the DCLIP teacher and
 the DCLIP student; every other recipe then trains `distill_student` from its config in `trainers/configs/` with the
 paths and the preset's student budget (epochs, batch size, learning rate, warmup; best epoch on `val`) put in, so
 only the loss, the targets and the config's freezing differ:
@@ -38,15 +38,15 @@ import datasets
 import torch
 
 from modeling_dclip import DCLIPModel, DCLIPProcessor
+from modeling_dclip.atomic import write_json_atomically
+from modeling_dclip.data.captions import caption_pairs
 from modeling_dclip.data.spec import load_dataset_spec
-from modeling_dclip.evaluation import evaluate_model
-from modeling_dclip.evaluation.model_eval import caption_pairs
+from modeling_dclip.evaluation import evaluate_model, supported_tasks
+from modeling_dclip.pipeline import load_preset, run_pipeline
 from modeling_dclip.recipes import parameter_counts
 from modeling_dclip.regions import to_rgb
 from modeling_dclip.training import DistillConfig, distill_student, load_stage_config
-from modeling_dclip.training.checkpointing import is_complete, write_json_atomically
-from modeling_dclip.training.evaluation import evaluate_dual_encoder
-from modeling_dclip.training.pipeline import load_preset, run_pipeline
+from modeling_dclip.training.checkpointing import is_complete
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "trainers" / "configs"
@@ -60,14 +60,14 @@ SIZES: dict[str, dict[str, Any]] = {
         "train_images": 160,
         "val_images": 32,
         "test_images": 64,
-        "align": {"num_epochs": 10, "batch_size": 32},
-        "teacher": {"num_epochs": 5, "batch_size": 32},
-        "distill": {"num_epochs": 3, "batch_size": 32, "learning_rate": 1e-4, "warmup_steps": 2},
+        "align": {"num_train_epochs": 10, "batch_size": 32},
+        "teacher": {"num_train_epochs": 5, "batch_size": 32},
+        "distill": {"num_train_epochs": 3, "batch_size": 32, "learning_rate": 1e-4, "warmup_steps": 2},
     },
 }
 """Overrides of the pipeline's `tiny` preset."""
 
-BUDGET_FIELDS = ("num_epochs", "batch_size", "learning_rate", "warmup_steps")
+BUDGET_FIELDS = ("num_train_epochs", "batch_size", "learning_rate", "warmup_steps")
 """The student budget every recipe gets from the preset, whatever its config says."""
 
 SPEED_ROUNDS = 7
@@ -82,12 +82,11 @@ def train_recipes(run: Path, preset, splits) -> dict[str, Path]:
     budget = {name: value for name, value in preset.distill.items() if name in BUDGET_FIELDS}
     common = {"seed": preset.seed, "image_size": preset.image_size, "eval_split": "", **budget}
     base, teacher = str(run / "base"), str(run / "teacher")
-    use_boxes = preset.use_dataset_boxes and "boxes" in splits["train"].column_names
     jobs = {
         "ConaCLIP": ("conaclip", {"base_model": base, "teacher_model": base}),
         "DCLIP+ConaCLIP": (
             "dclip_conaclip",
-            {"base_model": base, "teacher_model": teacher, "use_dataset_boxes": use_boxes},
+            {"base_model": base, "teacher_model": teacher},
         ),
         "Knowledge-CLIP": ("knowledge_clip", {"base_model": base}),
         "compression stage 1": ("compression_stage1", {"base_model": base, "teacher_model": base}),
@@ -150,7 +149,11 @@ def encode_speeds(
 def measure(folder: Path, test: datasets.Dataset, cifar10: datasets.Dataset | None) -> dict[str, float]:
     """Test-split retrieval, CIFAR-10 zero-shot top-1 (standard CIFAR-10 templates) and parameters of one model."""
     model, processor = DCLIPModel.from_pretrained(folder).eval(), DCLIPProcessor.from_pretrained(folder)
-    result = {name: value for name, value in evaluate_dual_encoder(model, processor, test).items() if name in METRICS}
+    result = {
+        name: value
+        for name, value in evaluate_model(model, processor, test, supported_tasks(test)).items()
+        if name in METRICS
+    }
     if cifar10 is not None:
         result["cifar10_top1"] = evaluate_model(model, processor, cifar10, ["zeroshot"], templates="cifar10")[
             "zeroshot_top1"

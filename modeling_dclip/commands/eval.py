@@ -6,15 +6,17 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import os
 import platform
 import random
 import shlex
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from ..atomic import write_json_atomically
 
 TASK_NAMES = ("retrieval", "compositional", "zeroshot")
 _DISTRIBUTIONS = ("dclip", "torch", "transformers", "datasets", "timm", "ultralytics")
@@ -77,11 +79,29 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
+def check_writable(output: Path) -> None:
+    """Fail now, before hours of evaluation, if `output` cannot be written: its folder is created if missing, and
+    a file is created and removed there.
+
+    Raises:
+        `ValueError` naming `output` and the reason (read-only location, no space, a folder in the way, ...).
+    """
+    if output.is_dir():
+        raise ValueError(f"cannot write the results to {output}: it is a folder (pass a file to --output)")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=f".{output.name}.", suffix=".probe"):
+            pass
+    except OSError as error:
+        raise ValueError(f"cannot write the results to {output}: {error.strerror or error}") from error
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     output = Path(args.output) if args.output else Path(args.output_dir or ".") / "results.json"
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
+    check_writable(output)
 
     import numpy as np
     import torch
@@ -154,8 +174,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         }
     if kind == "teacher":
         results["regions"] = (region_source or region_source_from_config(processor.region_config)).to_dict()
-    _write_json_atomically(output, results)
-    _print_table(results)
+    _print_table(results)  # first: a failed write below loses nothing that was measured
+    try:
+        write_json_atomically(output, results)
+    except OSError as error:
+        print(
+            f"dclip eval: error: the metrics above could not be written to {output}: {error.strerror or error}",
+            file=sys.stderr,
+        )
+        return 1
     print(f"results: {output}")
     return 0
 
@@ -237,13 +264,6 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             versions[distribution] = "not installed"
     return versions
-
-
-def _write_json_atomically(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
 
 
 def _print_table(results: dict[str, Any]) -> None:

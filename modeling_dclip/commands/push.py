@@ -17,6 +17,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--revision", default=None, help="branch to commit to (created if missing; default: main)")
     parser.add_argument("--commit-message", default=None, help="commit message")
     parser.add_argument("--dry-run", action="store_true", help="check the folder and list what would be uploaded")
+    parser.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also upload files matching this fnmatch pattern (repeatable; a folder name takes the whole folder); "
+        "by default only the model's own files are uploaded and everything else is listed as left out",
+    )
     parser.set_defaults(func=run)
 
 
@@ -26,6 +34,18 @@ def _human_size(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def _by_top_folder(files: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Files grouped by their top-level folder (`training/ (12 files)`), top-level files as they are."""
+    groups: dict[str, list[int]] = {}
+    for path, size in files:
+        top, separator, _ = path.partition("/")
+        groups.setdefault(top + separator, []).append(size)
+    return [
+        (name if not name.endswith("/") else f"{name} ({len(sizes)} files)", sum(sizes))
+        for name, sizes in groups.items()
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
             revision=args.revision,
             commit_message=args.commit_message,
             dry_run=args.dry_run,
+            include=args.include,
         )
     except (ModelFolderError, HFValidationError, PermissionError) as error:
         print(f"dclip push: {error}", file=sys.stderr)
@@ -49,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{verb} {len(result.files)} files ({_human_size(result.total_bytes)}) to {result.repo_id}:")
     for path, size in result.files:
         print(f"  {path}  {_human_size(size)}")
+    if result.excluded:
+        print(f"left out {len(result.excluded)} files that are not the model's (add them with --include PATTERN):")
+        for path, size in _by_top_folder(result.excluded):
+            print(f"  {path}  {_human_size(size)}")
     if result.commit is not None:
         print(f"commit: {result.commit.commit_url}")
     return 0

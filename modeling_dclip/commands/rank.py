@@ -40,6 +40,8 @@ def packaged_sample_photos() -> dict[str, object]:
     """Sample photographs shipped inside installed packages: scikit-image's data and ultralytics' assets."""
     from PIL import Image
 
+    from ..processing_dclip import load_image
+
     photos: dict[str, object] = {}
     try:
         skimage_data = importlib.import_module("skimage.data")
@@ -50,7 +52,7 @@ def packaged_sample_photos() -> dict[str, object]:
     try:
         assets = Path(importlib.import_module("ultralytics").__file__).parent / "assets"
         for path in sorted(assets.glob("*.jpg")):
-            photos[f"ultralytics:{path.name}"] = Image.open(path)
+            photos[f"ultralytics:{path.name}"] = load_image(path)
     except ImportError:
         pass
     return photos

@@ -1,8 +1,10 @@
-"""Datasets in one schema: loaders for standard caption formats, dataset specs, and the synthetic scenes."""
+"""Datasets in one schema: readers for standard caption formats (`formats/`), dataset specs, the synthetic scenes,
+and the YOLO export of datasets with boxes."""
 
-from .loaders import LoadReport
+from .formats import LoadReport
 from .spec import DatasetSpec, load_dataset_spec
-from .synthetic import export_yolo, make_synthetic_dataset, make_synthetic_splits
+from .synthetic import make_synthetic_dataset, make_synthetic_splits
+from .yolo_export import export_yolo
 
 __all__ = [
     "DatasetSpec",

@@ -20,14 +20,17 @@ csv          table of image paths + captions            CAPTION, TABLE, delimite
 imagefolder  <class>/<image> folder                     split, limit
 hf           Hub id, save_to_disk folder, or a local    CAPTION, TABLE, name, revision,
              .parquet/.json/.jsonl/.csv/.arrow file     label_column
+wds          webdataset .tar shards: a brace pattern    split, skip_missing, limit, streaming
+             ({00000..00009}.tar), glob, or folder
 synthetic    (empty)                                    n (= num_images, default 200), seed, split
 ===========  =========================================  =========================================
 
 CAPTION = `images` (image root), `split`, `skip_missing`, `limit`; TABLE = `image_column`,
 `caption_column`, `image_id_column`, `split_column`. Each option means what the keyword of the
-same name means on the matching reader in `loaders.py` (`load_karpathy`, `load_coco_captions`,
+same name means on the matching reader in `formats/` (`load_karpathy`, `load_coco_captions`,
 `load_flickr30k_csv`, `load_caption_tsv`, `load_caption_table`, `load_image_folder`,
-`load_hub_dataset`, `load_synthetic`).
+`load_hub_dataset`, `load_webdataset`; `synthetic` is `synthetic.make_synthetic_dataset`).
+`wds:...?streaming=true` gives a `datasets.IterableDataset` (rows read shard by shard, checked as they come).
 
 Examples::
 
@@ -38,6 +41,7 @@ Examples::
     imagefolder:/data/cifar10-test?split=test
     hf:nlphuji/flickr30k?split=test&split_column=split
     synthetic:?n=200&seed=0&split=test
+    wds:/data/cc3m/{00000..00331}.tar?streaming=true&skip_missing=true
 
 A bare PATH is read as: a folder holding one `dataset_*.json` -> karpathy; a folder of class
 subfolders -> imagefolder; a `.yaml`/`.yml`/`.json` spec file -> the mapping in it; a Karpathy
@@ -58,7 +62,7 @@ from urllib.parse import quote, unquote
 
 import datasets
 
-from .loaders import (
+from .formats import (
     LoadReport,
     load_caption_table,
     load_caption_tsv,
@@ -67,8 +71,11 @@ from .loaders import (
     load_hub_dataset,
     load_image_folder,
     load_karpathy,
-    load_synthetic,
+    load_webdataset,
 )
+
+# A dataset as loaded: map-style, or streamed (`wds:...?streaming=true`).
+LoadedDataset = datasets.Dataset | datasets.IterableDataset
 
 _PATH_OPTION = "path"
 _CAPTION_OPTIONS = {"images": _PATH_OPTION, "split": str, "skip_missing": bool, "limit": int}
@@ -89,9 +96,25 @@ KIND_OPTIONS: dict[str, dict[str, Any]] = {
     "csv": {**_TABLE_OPTIONS, "delimiter": str},
     "imagefolder": {"split": str, "limit": int},
     "hf": {**_TABLE_OPTIONS, "name": str, "revision": str, "label_column": str},
+    "wds": {"split": str, "skip_missing": bool, "limit": int, "streaming": bool},
     "synthetic": {"n": int, "seed": int, "split": str},
 }
-_LOADERS: dict[str, Callable[..., tuple[datasets.Dataset, LoadReport]]] = {
+
+
+def _load_synthetic(
+    location: str, n: int = 200, seed: int = 0, split: str = "test"
+) -> tuple[datasets.Dataset, LoadReport]:
+    """Generated scenes with known boxes (`modeling_dclip.data.synthetic.make_synthetic_dataset`)."""
+    from .synthetic import make_synthetic_dataset
+
+    dataset = make_synthetic_dataset(n, seed=seed, split=split)
+    num_captions = sum(len(captions) for captions in dataset.with_format("arrow")["captions"].to_pylist())
+    return dataset, LoadReport(
+        source=f"synthetic(n={n}, seed={seed})", num_images=len(dataset), num_captions=num_captions
+    )
+
+
+_LOADERS: dict[str, Callable[..., tuple[LoadedDataset, LoadReport]]] = {
     "karpathy": load_karpathy,
     "coco": load_coco_captions,
     "flickr30k": load_flickr30k_csv,
@@ -100,7 +123,8 @@ _LOADERS: dict[str, Callable[..., tuple[datasets.Dataset, LoadReport]]] = {
     "csv": lambda location, **options: load_caption_table(location, file_format="csv", **options),
     "imagefolder": load_image_folder,
     "hf": load_hub_dataset,
-    "synthetic": lambda location, n=200, **options: load_synthetic(n, **options),
+    "wds": load_webdataset,
+    "synthetic": _load_synthetic,
 }
 _SPEC_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _KARPATHY_SIGNATURE = re.compile(r'"sentences"\s*:\s*\[')
@@ -140,7 +164,7 @@ class DatasetSpec:
             )
         return cls._from_bare_path(Path(text).expanduser())
 
-    def load(self, *, skip_missing: bool | None = None) -> tuple[datasets.Dataset, LoadReport]:
+    def load(self, *, skip_missing: bool | None = None) -> tuple[LoadedDataset, LoadReport]:
         """Read the dataset. `skip_missing`, when given, overrides the spec's own option."""
         options = dict(self.options)
         if skip_missing is not None:
@@ -209,8 +233,8 @@ class DatasetSpec:
 
 def load_dataset_spec(
     spec: str | os.PathLike | Mapping[str, Any] | DatasetSpec, *, skip_missing: bool | None = None
-) -> datasets.Dataset:
-    """Load the dataset a spec names, in the canonical schema (see `loaders.py`).
+) -> LoadedDataset:
+    """Load the dataset a spec names, in the canonical schema (see `formats/schema.py`).
 
     What was dropped under `skip_missing` is logged as a warning; use `DatasetSpec.parse(spec).load()`
     to get the `LoadReport` as well.

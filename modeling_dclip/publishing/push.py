@@ -1,30 +1,55 @@
 """
 Uploading a saved DCLIP model folder to the Hugging Face Hub.
 
-The folder is checked first: it must carry its model card (`README.md` with metadata, see `dclip card`), the code
-files that `trust_remote_code=True` imports, its processor, and safetensors weights, because a model on the Hub
-without any of them cannot be loaded or understood. The upload itself is huggingface_hub's `create_repo` +
-`upload_folder`; the token comes from where huggingface_hub looks for it (`HF_TOKEN`, `hf auth login`).
+Only the model's files are uploaded: its card (`README.md` with metadata, see `dclip card`), `config.json`, the
+safetensors weights, the code files that `trust_remote_code=True` imports, the processor and tokenizer files, and the
+region detector's weights when the processor saved them beside it (`region_detector/`). Everything else in the folder
+(a trainer's `training/` state, checkpoints, caches, records such as `training_complete.json`, other files) is listed
+as left out, and uploaded only when `include` patterns ask for it.
+
+The folder is checked first, because a model on the Hub without any of those files cannot be loaded or understood,
+and a processor that points at a detector by a path of this machine fails everywhere else. The upload itself is one
+huggingface_hub commit (`create_repo` + `create_commit` of exactly the listed files); the token comes from where
+huggingface_hub looks for it (`HF_TOKEN`, `hf auth login`).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from huggingface_hub import CommitInfo, HfApi, ModelCard, get_token
-from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
-from huggingface_hub.utils import filter_repo_objects, validate_repo_id
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, get_token
+from huggingface_hub.utils import validate_repo_id
 
 CARD_FILE = "README.md"
-# Python caches and the temporary files of interrupted atomic writes never belong in a model repository.
-IGNORE_PATTERNS = ["__pycache__", "__pycache__/*", "*/__pycache__/*", "*.pyc", ".*.tmp", "*/.*.tmp"]
+# Python caches and the temporary files of interrupted atomic writes are never uploaded, even when included.
+IGNORE_PATTERNS = ["__pycache__", "__pycache__/*", "*/__pycache__/*", "*.pyc", ".*.tmp", "*/.*.tmp", ".git/*"]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _TOKENIZER_VOCABULARIES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
+# The files of a saved model and processor (transformers' names) that are not found through config.json.
+MODEL_FILES = frozenset(
+    {
+        CARD_FILE,
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "processor_config.json",
+        "preprocessor_config.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "merges.txt",
+        "chat_template.jinja",
+        ".gitattributes",
+        *_TOKENIZER_VOCABULARIES,
+    }
+)
 
 
 class ModelFolderError(ValueError):
@@ -37,11 +62,20 @@ class ModelFolderError(ValueError):
 
 
 @dataclass
+class UploadPlan:
+    """The files of a model folder that an upload sends, and those it leaves out, as `(relative path, size)`."""
+
+    files: list[tuple[str, int]]
+    excluded: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass
 class PushResult:
-    """What `push_model_folder` uploaded (or, with `dry_run`, would upload)."""
+    """What `push_model_folder` uploaded (or, with `dry_run`, would upload), and what it left out."""
 
     repo_id: str
     files: list[tuple[str, int]]  # (path in repo, size in bytes)
+    excluded: list[tuple[str, int]] = field(default_factory=list)
     commit: CommitInfo | None = None
 
     @property
@@ -87,13 +121,15 @@ def _modules_of_auto_map(auto_map: Any) -> list[str]:
 
 def _check_code_files(
     folder: Path, config: dict[str, Any], processor_config: dict[str, Any] | None, problems: list[str]
-) -> None:
+) -> set[str]:
+    """The code files `trust_remote_code` imports (the `auto_map` modules and their relative imports)."""
     from transformers.dynamic_module_utils import get_relative_imports
 
     modules = _modules_of_auto_map(config.get("auto_map"))
     if not modules:
         problems.append("config.json has no auto_map: the model was saved without its code (trust_remote_code)")
-        return
+        return set()
+    found: set[str] = set()
     modules += _modules_of_auto_map((processor_config or {}).get("auto_map"))
     seen: set[str] = set()
     pending = list(dict.fromkeys(modules))
@@ -106,7 +142,9 @@ def _check_code_files(
         if not path.is_file():
             problems.append(f"{path.name}: code file missing (needed by trust_remote_code)")
             continue
+        found.add(path.relative_to(folder).as_posix())
         pending.extend(get_relative_imports(str(path)))
+    return found
 
 
 def _check_processor(folder: Path, processor_config: dict[str, Any] | None, problems: list[str]) -> None:
@@ -120,59 +158,106 @@ def _check_processor(folder: Path, processor_config: dict[str, Any] | None, prob
         problems.append(f"no tokenizer vocabulary ({', '.join(_TOKENIZER_VOCABULARIES)})")
 
 
-def _check_weights(folder: Path, files: Iterable[str], problems: list[str]) -> None:
+def _check_weights(folder: Path, problems: list[str]) -> set[str]:
+    """The weight files: `model.safetensors`, or the index and every shard it lists."""
     index_path = folder / "model.safetensors.index.json"
     if index_path.is_file():
         index = _read_json(index_path, problems) or {}
-        for shard in sorted(set(index.get("weight_map", {}).values())):
+        shards = set(index.get("weight_map", {}).values())
+        for shard in sorted(shards):
             if not (folder / shard).is_file():
                 problems.append(f"{shard}: weight shard listed in model.safetensors.index.json is missing")
-    elif not (folder / "model.safetensors").is_file():
+        return shards
+    if not (folder / "model.safetensors").is_file():
         problems.append("model.safetensors is missing: no weights to publish")
-    pickles = [name for name in files if name.endswith(_PICKLE_SUFFIXES)]
-    if pickles:
-        problems.append(f"pickle files {pickles}: only safetensors weights are published; remove them")
+    return set()
+
+
+def _check_detector(folder: Path, processor_config: dict[str, Any] | None, problems: list[str]) -> set[str]:
+    """The region detector's weights saved beside the processor; a reference that cannot work after an upload (a
+    path of this machine, a missing file) is a problem."""
+    regions = (processor_config or {}).get("region_config") or {}
+    weights = regions.get("weights")
+    if regions.get("type") != "yolo" or not isinstance(weights, str):
+        return set()
+    path = PurePosixPath(weights)
+    if len(path.parts) == 1 and not Path(weights).is_absolute():
+        return set()  # an ultralytics asset name (yolov8x.pt), which ultralytics fetches by name
+    if path.is_absolute() or Path(weights).is_absolute() or weights.startswith("~") or ".." in path.parts:
+        problems.append(
+            f"processor_config.json: the region detector's weights are {weights!r}, a path on this machine that will "
+            "not exist where the model is downloaded. Save the processor again to copy them into the folder: "
+            f"DCLIPProcessor.from_pretrained(DIR).save_pretrained(DIR) with DIR={str(folder)!r}"
+        )
+        return set()
+    if not (folder / weights).is_file():
+        problems.append(f"{weights}: the region detector's weights named in processor_config.json are missing")
+        return set()
+    return {path.as_posix()}
+
+
+def _matches(path: str, patterns: Sequence[str]) -> bool:
+    """Whether `path` or one of its folders matches one of the fnmatch `patterns`."""
+    candidates = [path, *(parent.as_posix() for parent in PurePosixPath(path).parents if parent.as_posix() != ".")]
+    return any(fnmatch.fnmatch(candidate, pattern) for pattern in patterns for candidate in candidates)
 
 
 def folder_files(folder: str | os.PathLike) -> list[tuple[str, int]]:
-    """The files of `folder` that an upload sends, as `(path relative to the folder, size)`: everything but the
-    patterns huggingface_hub and this module ignore."""
+    """Every file of `folder` (but caches and interrupted writes), as `(path relative to the folder, size)`."""
     folder = Path(folder)
     paths = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
-    kept = filter_repo_objects(paths, ignore_patterns=IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS)
-    return [(path, (folder / path).stat().st_size) for path in kept]
+    return [(path, (folder / path).stat().st_size) for path in paths if not _matches(path, IGNORE_PATTERNS)]
 
 
-def check_model_folder(folder: str | os.PathLike) -> list[tuple[str, int]]:
+def plan_upload(folder: str | os.PathLike, include: Sequence[str] = ()) -> UploadPlan:
     """
-    Check that a saved DCLIP model folder is ready to publish.
+    Check that a saved DCLIP model folder is ready to publish, and choose the files an upload sends.
+
+    Args:
+        folder (`str`): the model folder.
+        include (`list[str]`, *optional*): fnmatch patterns of other files to upload too (matched against the
+            relative path and its folders: `training` takes the whole `training/` folder).
 
     Raises:
         `ModelFolderError` listing every problem: missing card (`README.md` with metadata), missing code files for
         `trust_remote_code` (every module of the `auto_map` and what it imports relatively), missing processor or
-        tokenizer files, missing safetensors weights, or pickle weight files.
+        tokenizer files, missing safetensors weights, a region detector referenced by a path of this machine, or
+        pickle files among the files to upload (the detector's own weights excepted).
 
     Returns:
-        The files an upload sends, as `(path, size in bytes)`.
+        [`UploadPlan`]: the model's files (and those `include` adds), and every other file, left out.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFolderError(folder, ["not a folder"])
-    files = folder_files(folder)
     problems: list[str] = []
     _check_card(folder, problems)
     config = _read_json(folder / "config.json", problems)
     processor_config = _read_json(folder / "processor_config.json", problems)
+    model_files = set(MODEL_FILES)
     if config is None:
         if not (folder / "config.json").exists():
             problems.append("config.json is missing: not a saved model folder (model.save_pretrained)")
     else:
-        _check_code_files(folder, config, processor_config, problems)
+        model_files |= _check_code_files(folder, config, processor_config, problems)
     _check_processor(folder, processor_config, problems)
-    _check_weights(folder, [name for name, _ in files], problems)
+    model_files |= _check_weights(folder, problems)
+    detector = _check_detector(folder, processor_config, problems)
+    model_files |= detector
+    files, excluded = [], []
+    for path, size in folder_files(folder):
+        (files if path in model_files or _matches(path, include) else excluded).append((path, size))
+    pickles = [path for path, _ in files if path.endswith(_PICKLE_SUFFIXES) and path not in detector]
+    if pickles:
+        problems.append(f"pickle files {pickles}: only safetensors weights are published; remove them")
     if problems:
         raise ModelFolderError(folder, problems)
-    return files
+    return UploadPlan(files=files, excluded=excluded)
+
+
+def check_model_folder(folder: str | os.PathLike, include: Sequence[str] = ()) -> list[tuple[str, int]]:
+    """The files an upload of `folder` sends, as `(path, size in bytes)`, after the checks of [`plan_upload`]."""
+    return plan_upload(folder, include).files
 
 
 def push_model_folder(
@@ -183,6 +268,7 @@ def push_model_folder(
     revision: str | None = None,
     commit_message: str | None = None,
     dry_run: bool = False,
+    include: Sequence[str] = (),
     api: HfApi | None = None,
 ) -> PushResult:
     """
@@ -196,14 +282,15 @@ def push_model_folder(
         revision (`str`, *optional*): branch to commit to; defaults to the repository's main branch.
         commit_message (`str`, *optional*): defaults to `"Upload DCLIP <model type> with dclip push"`.
         dry_run (`bool`, *optional*): check the folder and return what would be uploaded, without any network call.
+        include (`list[str]`, *optional*): fnmatch patterns of files beyond the model's own to upload too.
         api (`HfApi`, *optional*): the client to use; defaults to `HfApi()` (token from the usual places).
 
     Returns:
         [`PushResult`] with the files and, unless `dry_run`, the commit.
     """
     validate_repo_id(repo_id)
-    files = check_model_folder(folder)
-    result = PushResult(repo_id=repo_id, files=files)
+    plan = plan_upload(folder, include)
+    result = PushResult(repo_id=repo_id, files=plan.files, excluded=plan.excluded)
     if dry_run:
         return result
     api = api or HfApi()
@@ -215,15 +302,26 @@ def push_model_folder(
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     if revision is not None:
         api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-    result.commit = api.upload_folder(
-        folder_path=folder,
+    result.commit = api.create_commit(
         repo_id=repo_id,
         repo_type="model",
         revision=revision,
+        operations=[
+            CommitOperationAdd(path_in_repo=path, path_or_fileobj=Path(folder) / path) for path, _ in plan.files
+        ],
         commit_message=commit_message or f"Upload DCLIP {model_type} with dclip push",
-        ignore_patterns=list(IGNORE_PATTERNS),
     )
     return result
 
 
-__all__ = ["CARD_FILE", "ModelFolderError", "PushResult", "check_model_folder", "folder_files", "push_model_folder"]
+__all__ = [
+    "CARD_FILE",
+    "MODEL_FILES",
+    "ModelFolderError",
+    "PushResult",
+    "UploadPlan",
+    "check_model_folder",
+    "folder_files",
+    "plan_upload",
+    "push_model_folder",
+]

@@ -9,7 +9,11 @@ from .compression import (
     big_model_targets,
     compress_student,
     parameter_counts,
+    reduce_vocabulary,
+    select_blocks,
     select_layers,
+    unknown_token_rate,
+    vocabulary_tokens,
 )
 from .conaclip import CONACLIP, EDGES, LOSS_KINDS, conaclip_weights, edge_loss
 from .knowledge_clip import (
@@ -43,6 +47,10 @@ __all__ = [
     "knowledge_clip_recipe",
     "knowledge_clip_targets",
     "parameter_counts",
+    "reduce_vocabulary",
+    "select_blocks",
+    "unknown_token_rate",
+    "vocabulary_tokens",
     "select_layers",
     "soft_concept_labels",
 ]

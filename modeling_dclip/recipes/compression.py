@@ -2,15 +2,19 @@
 Retrieval", Ren & Zhu, NAACL 2022):
 
 - build a smaller student from a trained one ([`compress_student`]): transformer towers (BERT-like text encoders,
-  CLIP text and vision towers) keep a subset of their layers, with those layers' weights; a timm vision tower is
+  CLIP text and vision towers) keep a subset of their layers, with those layers' weights; a timm vision tower built
+  in stages (EfficientNet-Lite0) keeps a subset of each stage's blocks with their weights (`vision_blocks`), or is
   replaced by a smaller timm backbone, warm-started from every block whose weights fit;
+- shrink a BERT-like text tower's word embeddings to the tokens a corpus uses ([`reduce_vocabulary`]), with a
+  WordPiece tokenizer over the kept tokens, so that unseen words fall back to kept sub-words;
 - stage 1 ([`COMPRESSION_STAGE1`]): each small tower learns the big model's embeddings of the same inputs
   separately — intra-modal contrastive distillation (`image_contrastive_distill`, `text_contrastive_distill`), so
   images and captions need not be paired; [`big_model_targets`] computes the targets;
 - stage 2 ([`COMPRESSION_STAGE2`]): contrastive fine-tuning of the small dual encoder on pairs, to which distillation
   terms can be added (the paper adds embedding distillation from the big model and mined hard negatives).
 
-Both stages are the ordinary distillation loop run with these recipes.
+Stage 1 on unpaired images and texts is `modeling_dclip.training.compression.distill_towers`; stage 2 and the
+paired variant of stage 1 are the ordinary distillation loop run with these recipes.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from collections.abc import Sequence
 import timm
 import torch
 from torch import nn
-from transformers import PreTrainedModel, TimmWrapperConfig
+from transformers import BertTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TimmWrapperConfig
 
 from ..configuration_dclip import DCLIPConfig
 from ..losses import register_recipe
@@ -35,6 +39,11 @@ COMPRESSION_STAGE1 = {"image_contrastive_distill": 1.0, "text_contrastive_distil
 COMPRESSION_STAGE2 = {"contrastive": 1.0}
 """Stage 2: contrastive fine-tuning of the small dual encoder (named recipe `"compression_stage2"`); add distillation
 terms with e.g. `"compression_stage2+dclip"` or explicit weights."""
+
+BlockSelection = str | Sequence[Sequence[int]] | None
+"""Which blocks of each stage of a timm tower to keep: `None` (all), `"first"` (the first block of every stage,
+which changes width and stride; the repeated residual blocks go), or explicit 0-based indices per stage, each
+starting with 0."""
 
 LayerSelection = str | int | Sequence[int] | None
 """Which transformer layers to keep: `None`/`"all"`, `"every_other"` (ending with the last layer), a number of
@@ -96,6 +105,31 @@ def _keep_layers(state: dict[str, torch.Tensor], prefix: str, keep: list[int]) -
     return kept
 
 
+def select_blocks(stage_lengths: Sequence[int], keep: BlockSelection) -> list[list[int]]:
+    """The blocks of each stage to keep, as `keep_timm_blocks` reads them (see [`BlockSelection`])."""
+    if keep is None or keep == "all":
+        return [list(range(length)) for length in stage_lengths]
+    if keep == "first":
+        return [[0] for _ in stage_lengths]
+    if isinstance(keep, str):
+        raise ValueError(f"block selection must be 'all', 'first' or indices per stage, got {keep!r}")
+    return [[int(index) for index in stage] for stage in keep]
+
+
+def _keep_stage_blocks(state: dict[str, torch.Tensor], prefix: str, kept: list[list[int]]) -> dict[str, torch.Tensor]:
+    """`state` with the blocks under `prefix` (`prefix.{stage}.{block}.…`) reduced to `kept[stage]`, renumbered."""
+    new_index = [{old: new for new, old in enumerate(stage)} for stage in kept]
+    result = {}
+    for key, value in state.items():
+        if key.startswith(prefix + "."):
+            stage, block, rest = key[len(prefix) + 1 :].split(".", 2)
+            if int(block) in new_index[int(stage)]:
+                result[f"{prefix}.{stage}.{new_index[int(stage)][int(block)]}.{rest}"] = value
+        else:
+            result[key] = value
+    return result
+
+
 def _weight_unit(key: str) -> str:
     """The block a tower weight belongs to: the path up to its last numeric component (`blocks.1.0` for
     `blocks.1.0.conv_pw.weight`), else its top-level module (`conv_stem`)."""
@@ -129,6 +163,7 @@ def compress_student(
     text_layers: LayerSelection = "every_other",
     vision_layers: LayerSelection = None,
     vision_architecture: str | None = None,
+    vision_blocks: BlockSelection = None,
 ) -> DCLIPModel:
     """A smaller DCLIP student built from `student`, its kept weights copied.
 
@@ -139,14 +174,17 @@ def compress_student(
         vision_architecture: a smaller timm architecture for a timm vision tower (e.g. `"mobilenetv2_100"` in place
             of EfficientNet-Lite0); blocks whose weights fit are copied, the others start from timm's initialisation
             and are learnt in stage 1.
+        vision_blocks: blocks of each stage of a timm vision tower built in stages (EfficientNet-Lite0) to keep, with
+            their weights (see [`BlockSelection`]); recorded as `vision_config.kept_blocks`. Kept blocks compute what
+            they did in the big tower; the tower's output changes only where dropped residual blocks added to it.
 
     Returns:
         A `DCLIPModel` in eval mode whose configuration describes the smaller towers, so that it saves and loads with
         `save_pretrained` / `from_pretrained` like any student. Projections and temperature are copied.
     """
-    if vision_layers is not None and vision_architecture is not None:
+    if sum(option is not None for option in (vision_layers, vision_architecture, vision_blocks)) > 1:
         raise ValueError(
-            "give either vision_layers (transformer towers) or vision_architecture (timm towers), not both"
+            "give one of vision_layers (transformer towers), vision_architecture or vision_blocks (timm towers)"
         )
     state = student.state_dict()
     text_config, vision_config = _copy_config(student.config.text_config), _copy_config(student.config.vision_config)
@@ -168,6 +206,14 @@ def compress_student(
                 f"vision_architecture replaces timm vision towers; this one is {vision_config.model_type!r}"
             )
         vision_config = TimmWrapperConfig(architecture=vision_architecture)
+    if vision_blocks is not None:
+        blocks = getattr(getattr(student.vision_model, "timm_model", None), "blocks", None)
+        if blocks is None:
+            raise ValueError("vision_blocks needs a timm vision tower built in stages of blocks (EfficientNet)")
+        kept = select_blocks([len(stage) for stage in blocks], vision_blocks)
+        state = _keep_stage_blocks(state, "vision_model.timm_model.blocks", kept)
+        vision_config.kept_blocks = kept
+        logger.info("compress_student: vision tower keeps blocks %s", kept)
     config = DCLIPConfig(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
@@ -211,6 +257,68 @@ def compress_student(
     return small.to(student.dtype).eval()
 
 
+def vocabulary_tokens(tokenizer: PreTrainedTokenizerBase, corpus: Sequence[str]) -> list[str]:
+    """The WordPiece tokens a reduced vocabulary keeps, in the original id order: the special tokens, every token of
+    the tokenised `corpus`, and every printable ASCII character both as a word start (`a`) and as a continuation
+    (`##a`), so that any ASCII word still splits into kept pieces instead of becoming `[UNK]`."""
+    vocab = tokenizer.get_vocab()
+    kept = set(tokenizer.all_special_tokens)
+    for start in range(0, len(corpus), 1024):
+        for ids in tokenizer(list(corpus[start : start + 1024]), add_special_tokens=False)["input_ids"]:
+            kept.update(tokenizer.convert_ids_to_tokens(ids))
+    characters = [chr(code) for code in range(33, 127)]
+    kept.update(token for c in characters for token in (c.lower(), "##" + c.lower()) if token in vocab)
+    return sorted(kept, key=vocab.__getitem__)
+
+
+def reduce_vocabulary(
+    model: DCLIPModel, tokenizer: PreTrainedTokenizerBase, corpus: Sequence[str]
+) -> tuple[DCLIPModel, BertTokenizer]:
+    """Shrink a BERT-like text tower's word embeddings to the tokens `corpus` uses ([`vocabulary_tokens`]).
+
+    The model is changed in place: `word_embeddings [V, H]` becomes the kept rows `[V_kept, H]` and
+    `text_config.vocab_size` / `pad_token_id` follow. The returned WordPiece tokenizer has the same normalisation
+    and special tokens as `tokenizer` over the kept tokens only, renumbered in their original order: every word of
+    `corpus` tokenises exactly as before (WordPiece's greedy longest match finds the same pieces, all kept), and an
+    unseen word splits into kept sub-words, down to single characters, or becomes `[UNK]` (non-ASCII characters).
+
+    Returns:
+        `(model, reduced_tokenizer)`.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "WordPiece":
+        raise ValueError(f"reduce_vocabulary needs a WordPiece (BERT) tokenizer, got {type(tokenizer).__name__}")
+    tokens = vocabulary_tokens(tokenizer, corpus)
+    vocab = tokenizer.get_vocab()
+    embeddings = model.text_model.get_input_embeddings()
+    old_ids = torch.tensor([vocab[token] for token in tokens])
+    pad_id = tokens.index(tokenizer.pad_token)
+    reduced = nn.Embedding(len(tokens), embeddings.embedding_dim, padding_idx=pad_id)
+    with torch.no_grad():
+        reduced.weight.copy_(embeddings.weight[old_ids])
+    model.text_model.set_input_embeddings(reduced.to(embeddings.weight.dtype))
+    model.config.text_config.vocab_size = len(tokens)
+    model.config.text_config.pad_token_id = pad_id
+    reduced_tokenizer = BertTokenizer(
+        vocab={token: index for index, token in enumerate(tokens)},
+        do_lower_case=tokenizer.do_lower_case,
+        unk_token=tokenizer.unk_token,
+        sep_token=tokenizer.sep_token,
+        pad_token=tokenizer.pad_token,
+        cls_token=tokenizer.cls_token,
+        mask_token=tokenizer.mask_token,
+        model_max_length=tokenizer.model_max_length,
+    )
+    logger.info("reduce_vocabulary: %d of %d tokens kept", len(tokens), len(vocab))
+    return model, reduced_tokenizer
+
+
+def unknown_token_rate(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> float:
+    """The fraction of `texts`' tokens (special tokens excluded) that are `[UNK]`."""
+    ids = [token for row in tokenizer(list(texts), add_special_tokens=False)["input_ids"] for token in row]
+    return sum(token == tokenizer.unk_token_id for token in ids) / max(1, len(ids))
+
+
 def parameter_counts(model: DCLIPModel) -> dict[str, int]:
     """Parameters of a student: `vision` tower, `text` tower, `projections` (with the temperature) and `total`."""
     vision = sum(p.numel() for p in model.vision_model.parameters())
@@ -250,5 +358,9 @@ __all__ = [
     "compress_student",
     "layer_list_name",
     "parameter_counts",
+    "reduce_vocabulary",
+    "select_blocks",
     "select_layers",
+    "unknown_token_rate",
+    "vocabulary_tokens",
 ]

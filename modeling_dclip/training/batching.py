@@ -1,27 +1,28 @@
 """Which examples form each global batch, decided from the seed alone.
 
 Every epoch pairs each image with one of its captions (so an image never meets itself as a negative) and shuffles;
-the order depends only on `(seed, epoch)`, so a resumed run sees the batches an uninterrupted one would, and each
-process takes its contiguous slice of every global batch, in rank order, as `gather_with_grad` concatenates them.
+the order depends only on `(seed, epoch)` (`set_epoch`, which accelerate's prepared data loader calls), so a resumed
+run sees the batches an uninterrupted one would. With several processes accelerate gives each process its contiguous
+slice of every global batch, in rank order (`split_batches=True`), as `gather_with_grad` concatenates them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
+from torch.utils.data import BatchSampler, Sampler
 
 
-class PairBatches:
-    """Global batches of `(image_row, caption_index)` pairs.
+class PairOrder(Sampler[int]):
+    """The caption indices of an epoch's pairs, in the epoch's order: each image once, with one of its captions.
 
     Args:
         caption_counts: number of captions of each image row; caption indices are flat, row by row.
-        batch_size: global batch size; the last incomplete batch of an epoch is dropped.
         seed: shuffling seed.
     """
 
-    def __init__(self, caption_counts: Sequence[int], batch_size: int, seed: int):
+    def __init__(self, caption_counts: Sequence[int], seed: int):
         if any(count < 1 for count in caption_counts):
             row = next(i for i, count in enumerate(caption_counts) if count < 1)
             raise ValueError(f"dataset row {row} has no caption")
@@ -29,28 +30,47 @@ class PairBatches:
         self.caption_offsets = [0]
         for count in self.caption_counts[:-1]:
             self.caption_offsets.append(self.caption_offsets[-1] + count)
-        self.batch_size = batch_size
         self.seed = seed
-        if len(self.caption_counts) < batch_size:
-            raise ValueError(f"{len(self.caption_counts)} training images are fewer than one batch ({batch_size})")
+        self.epoch = 0
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.caption_counts) // self.batch_size
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
-    def epoch(self, epoch: int) -> list[list[tuple[int, int]]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+    def __len__(self) -> int:
+        return len(self.caption_counts)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(len(self.caption_counts), generator=generator).tolist()
         picks = torch.rand(len(order), generator=generator).tolist()
-        pairs = [(row, self.caption_offsets[row] + int(p * self.caption_counts[row])) for row, p in zip(order, picks)]
-        return [
-            pairs[i : i + self.batch_size] for i in range(0, self.batches_per_epoch * self.batch_size, self.batch_size)
+        for row, pick in zip(order, picks):
+            yield self.caption_offsets[row] + int(pick * self.caption_counts[row])
+
+
+class PairBatches(BatchSampler):
+    """The global batches of each epoch, as caption indices into [`pairs`]; the last incomplete batch is dropped.
+
+    Use it as a `DataLoader`'s `batch_sampler` over `pairs`, which turns caption index `c` into the pair
+    `(image_row, c)`.
+
+    Args:
+        caption_counts: number of captions of each image row.
+        batch_size: global batch size.
+        seed: shuffling seed.
+    """
+
+    sampler: PairOrder
+
+    def __init__(self, caption_counts: Sequence[int], batch_size: int, seed: int):
+        super().__init__(PairOrder(caption_counts, seed), batch_size, drop_last=True)
+        if len(self.sampler) < batch_size:
+            raise ValueError(f"{len(self.sampler)} training images are fewer than one batch ({batch_size})")
+        offsets = self.sampler.caption_offsets
+        self.pairs = [
+            (row, caption)
+            for row, count in enumerate(caption_counts)
+            for caption in range(offsets[row], offsets[row] + count)
         ]
 
-
-def shard(batch: list, process_index: int, num_processes: int) -> list:
-    """This process's contiguous slice of a global batch."""
-    if len(batch) % num_processes:
-        raise ValueError(f"global batch of {len(batch)} does not divide among {num_processes} processes")
-    size = len(batch) // num_processes
-    return batch[process_index * size : (process_index + 1) * size]
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)

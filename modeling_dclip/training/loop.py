@@ -1,34 +1,51 @@
-"""The training loop every stage shares: accelerate for devices and processes, accumulation, clipping, warmup and
-schedule, `save_state` checkpoints with resume, trackers, and per-epoch validation with best-model selection."""
+"""The training loop every stage shares, written as accelerate's examples are (`examples/nlp_example.py`, with
+`by_feature/gradient_accumulation.py` and `by_feature/checkpointing.py`): a `DataLoader` prepared by
+`accelerator.prepare` (each process takes its slice of every global batch), `accelerator.accumulate` for gradient
+accumulation, `accelerator.clip_grad_norm_`, a prepared scheduler that steps once per optimizer update,
+`accelerator.save_state` checkpoints with accelerate's own naming and rotation (`ProjectConfiguration`),
+`accelerator.skip_first_batches` for an exact resume in the middle of an epoch, trackers, and per-epoch validation
+with best-model selection.
+
+Accelerate keeps one mixed precision per process (`AcceleratorState` is process-wide and has no public reset): stages
+run one after another in one process (as `dclip run` runs them) must share it; [`make_accelerator`] refuses another
+one with a clear error instead of silently training in the first stage's precision.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import shutil
+import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.state import AcceleratorState, is_initialized
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .batching import PairBatches, shard
-from .checkpointing import checkpoint_folders, resolve_resume_checkpoint
+from ..atomic import atomic_path
+from .batching import PairBatches
 from .config import TrainingConfig
 
 logger = logging.getLogger(__name__)
 
+CHECKPOINTS = "checkpoints"
+"""Where `save_state` writes under `work_dir` (accelerate's `automatic_checkpoint_naming`: `checkpoint_<i>`)."""
+PROGRESS_FILE = "custom_checkpoint_0.pkl"
+"""The loop's [`TrainingProgress`], the one object registered for checkpointing: `save_state` writes it last, so a
+checkpoint folder without it was interrupted while being written."""
+
 
 class TrainingProgress:
-    """The loop's own state, saved with every checkpoint."""
+    """The loop's own state, saved with every checkpoint: optimizer updates done and the best validation so far."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -40,6 +57,28 @@ class TrainingProgress:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.best_metric, self.best_step = state["step"], state["best_metric"], state["best_step"]
+
+
+def checkpoint_folders(work_dir: str | os.PathLike) -> list[Path]:
+    """The `checkpoint_<i>` folders under `work_dir/checkpoints`, oldest first (complete or not)."""
+    folder = Path(work_dir) / CHECKPOINTS
+    found = [p for p in folder.iterdir() if re.fullmatch(r"checkpoint_\d+", p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def resolve_resume_checkpoint(resume_from_checkpoint: str | None, work_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint to resume from: `latest` is the newest complete one under `work_dir/checkpoints` (None when
+    there is none yet, so that `--resume_from_checkpoint latest` also starts a fresh run); any other value must be a
+    checkpoint folder."""
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        complete = [folder for folder in checkpoint_folders(work_dir) if (folder / PROGRESS_FILE).is_file()]
+        return complete[-1] if complete else None
+    path = Path(resume_from_checkpoint)
+    if not (path / PROGRESS_FILE).is_file():
+        raise FileNotFoundError(f"resume_from_checkpoint: {path} is not a complete checkpoint folder")
+    return path
 
 
 def launched_without_accelerator() -> bool:
@@ -56,27 +95,42 @@ def launched_without_accelerator() -> bool:
 
 
 def make_accelerator(config: TrainingConfig) -> Accelerator:
-    """The accelerator of a stage: mixed precision, trackers under `work_dir/logs`; seeds every process.
+    """The accelerator of a stage: precision, accumulation, split global batches, checkpoints and trackers under
+    `work_dir`; seeds every process.
 
     Raises:
-        ValueError: `mixed_precision: fp16` on a CPU.
+        ValueError: `mixed_precision: fp16` on a CPU, or a precision other than the one this process already
+            trains in.
         RuntimeError: the launcher started more processes than accelerate distributes over.
     """
-    if AcceleratorState._shared_state.get("_mixed_precision", config.mixed_precision) != config.mixed_precision:
-        # Accelerate keeps one precision per process; a stage run after another in the same process (as `dclip run`
-        # does) may choose another. The process group (PartialState) is kept.
-        AcceleratorState._reset_state()
+    if config.mixed_precision is not None and is_initialized():
+        current = AcceleratorState().mixed_precision
+        if current != config.mixed_precision:
+            raise ValueError(
+                f"mixed_precision {config.mixed_precision!r}: this process already trains in {current!r}, and "
+                "accelerate keeps one precision per process; give every stage run in one process (`dclip run`) the "
+                "same mixed_precision, or run this stage in its own process (`accelerate launch trainers/...`)"
+            )
+    existing = checkpoint_folders(config.work_dir)
     accelerator = Accelerator(
         cpu=launched_without_accelerator(),
         mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        # One global batch of `batch_size` per step, whatever the number of processes: each takes its slice.
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
         # Frozen or unused parameters (a locked tower whose features are cached, an unused pooler) are normal here.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        log_with=config.report_to or None,
+        log_with=None if config.report_to in ("", "none") else config.report_to,
         project_config=ProjectConfiguration(
-            project_dir=config.work_dir, logging_dir=str(Path(config.work_dir) / "logs")
+            project_dir=config.work_dir,
+            logging_dir=str(Path(config.work_dir) / "logs"),
+            automatic_checkpoint_naming=True,
+            total_limit=config.save_total_limit or None,
+            # Number new checkpoints after the ones already there, so that `latest` is always the newest.
+            iteration=int(existing[-1].name.split("_")[1]) + 1 if existing else 0,
         ),
     )
-    if config.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         # Accelerate would silently train in full precision: no fp16 autocast on CPU.
         raise ValueError("mixed_precision 'fp16' needs a GPU; on CPU use 'bf16' or 'no'")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -103,47 +157,52 @@ def train(
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     stage_name: str = "train",
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train the parameters of `model` that require gradients.
+    """Train the parameters of `module.model` that require gradients.
 
     Args:
         accelerator: from [`make_accelerator`].
-        module: a training step module: `module(batch)` returns the loss terms (the total under `"loss"`) and
-            `module.model` is the `PreTrainedModel` being trained; only parameters with `requires_grad` are optimised.
+        module: a training step module: `module(batch)` returns the loss terms (scalars; the total under `"loss"`)
+            and `module.model` is the `PreTrainedModel` being trained; only parameters with `requires_grad` are
+            optimised.
         config: optimisation, checkpoint and validation settings.
-        batches: the global batches of each epoch; each process collates its shard of them.
-        collate: `(pairs) -> batch` for this process's pairs.
-        evaluate: `(unwrapped model) -> metrics`, run each epoch on the main process' view; selects the best.
-        stage_name: tracker run name.
+        batches: the global batches of each epoch (a batch sampler over `batches.pairs`); each process collates its
+            slice of every batch.
+        collate: `(pairs) -> batch` for this process's `(image_row, caption_index)` pairs: tensors whose first
+            dimension is the number of pairs.
+        evaluate: `(unwrapped model) -> metrics`, run after each epoch on the main process; selects the best.
+        stage_name: progress bar, tracker run and message name.
 
     Returns:
-        The trained `module.model` (best weights when `load_best_at_end` and validation ran) and a summary dict.
+        The trained `module.model` (the best weights when `load_best_model_at_end` and validation ran) and a summary
+        dict.
+
+    Raises:
+        KeyboardInterrupt: after telling (on stderr) where the run can resume from.
     """
     work_dir = Path(config.work_dir)
-    checkpoints_dir, best_dir = work_dir / "checkpoints", work_dir / "best"
+    best_dir = work_dir / "best"
     trainable = [p for p in module.parameters() if p.requires_grad]
     if not trainable:
         raise ValueError(f"{stage_name}: no trainable parameters (check the freezing settings)")
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps_per_epoch = batches.batches_per_epoch // config.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{stage_name}: an epoch has {batches.batches_per_epoch} batches, fewer than gradient_accumulation_steps"
-        )
-    total_steps = config.max_steps or steps_per_epoch * config.num_epochs
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    # The scheduler is not prepared: prepared schedulers step once per process, ours steps once per update.
+    loader = DataLoader(batches.pairs, batch_sampler=batches, collate_fn=collate)
+    accumulation = config.gradient_accumulation_steps
+    updates_per_epoch = math.ceil(len(loader) / accumulation)
+    total_steps = config.max_steps or updates_per_epoch * config.num_train_epochs
+    num_epochs = math.ceil(total_steps / updates_per_epoch)
     scheduler = get_scheduler(
-        config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps
+        config.lr_scheduler_type, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=total_steps
     )
-    model, optimizer = accelerator.prepare(module, optimizer)
+    # With split batches the prepared scheduler steps once per optimizer update, as the one above counts them.
+    model, optimizer, loader, scheduler = accelerator.prepare(module, optimizer, loader, scheduler)
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(scheduler, progress)
+    accelerator.register_for_checkpointing(progress)
 
-    resume = resolve_resume_checkpoint(config.resume_from_checkpoint, checkpoints_dir)
+    resume = resolve_resume_checkpoint(config.resume_from_checkpoint, work_dir)
     if resume is not None:
         accelerator.load_state(str(resume))
         logger.info("%s: resumed from %s at step %d", stage_name, resume, progress.step)
-    if config.report_to:
+    if accelerator.log_with:
         accelerator.init_trackers(
             stage_name, config={k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
         )
@@ -151,98 +210,92 @@ def train(
     bar = tqdm(total=total_steps, initial=progress.step, desc=stage_name, disable=not accelerator.is_main_process)
     history: list[dict[str, float]] = []
     last_terms: dict[str, float] = {}
-    rank, world = accelerator.process_index, accelerator.num_processes
-    for epoch in range(progress.step // steps_per_epoch, num_epochs):
-        model.train()
-        epoch_batches = batches.epoch(epoch)
-        for step_in_epoch in range(steps_per_epoch):
-            if epoch * steps_per_epoch + step_in_epoch < progress.step:
-                continue  # done before the checkpoint we resumed from
+    last_checkpoint = resume
+    try:
+        for epoch in range(progress.step // updates_per_epoch, num_epochs):
+            if progress.step >= total_steps:
+                break  # resumed from the checkpoint of the last update
+            model.train()
+            loader.set_epoch(epoch)
+            # Resuming in the middle of an epoch: skip the micro-batches of the updates already done.
+            done = progress.step - epoch * updates_per_epoch
+            epoch_loader = accelerator.skip_first_batches(loader, done * accumulation) if done else loader
+            sums: dict[str, float] = {}
+            micro_batches = 0
+            for batch in epoch_loader:
+                with accelerator.accumulate(model):
+                    terms = model(batch)  # the prepared module's forward runs under the mixed-precision autocast
+                    accelerator.backward(terms["loss"])  # divided by the accumulation steps
+                    logs: dict[str, float] = {"lr": scheduler.get_last_lr()[0]}
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                        if grad_norm is not None:  # some backends (DeepSpeed) clip internally and report nothing
+                            logs["grad_norm"] = float(grad_norm)
+                    # The prepared optimizer and scheduler only act on the micro-batch that completes an update.
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for name, value in terms.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float().item()
+                micro_batches += 1
+                if not accelerator.sync_gradients:
+                    continue
+                progress.step += 1
+                last_terms = {name: value / micro_batches for name, value in sums.items()}
+                sums, micro_batches = {}, 0
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_terms['loss']:.4f}")
+                if accelerator.log_with and progress.step % max(1, config.logging_steps) == 0:
+                    accelerator.log(logs | {f"train/{k}": v for k, v in last_terms.items()}, step=progress.step)
+                if config.save_steps and progress.step % config.save_steps == 0:
+                    last_checkpoint = Path(accelerator.save_state())
+                if progress.step >= total_steps:
+                    epoch_loader.end()  # left before its end: accelerate must stop tracking it
+                    break
+
+            if evaluate is not None and progress.step > 0:
+                metrics = evaluate(accelerator.unwrap_model(model).model) if accelerator.is_main_process else {}
+                if accelerator.is_main_process:
+                    history.append({"epoch": epoch, "step": progress.step, **metrics})
+                    if accelerator.log_with:
+                        accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.step)
+                    if config.metric_for_best_model not in metrics:
+                        raise KeyError(
+                            f"{stage_name}: metric_for_best_model {config.metric_for_best_model!r} is not among "
+                            f"{sorted(metrics)}"
+                        )
+                    value = metrics[config.metric_for_best_model]
+                    if _is_better(value, progress.best_metric, config.greater_is_better):
+                        progress.best_metric, progress.best_step = value, progress.step
+                        with atomic_path(best_dir) as temporary:
+                            accelerator.unwrap_model(model).model.save_pretrained(temporary)
+                accelerator.wait_for_everyone()
             if progress.step >= total_steps:
                 break
-            step_terms: dict[str, float] = {}
-            for micro in range(config.gradient_accumulation_steps):
-                pairs = shard(epoch_batches[step_in_epoch * config.gradient_accumulation_steps + micro], rank, world)
-                batch = collate(pairs)
-                last_micro = micro == config.gradient_accumulation_steps - 1
-                sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
-                with sync:
-                    # The prepared module's forward already runs under the mixed-precision autocast.
-                    terms = model(batch)
-                    accelerator.backward(terms["loss"] / config.gradient_accumulation_steps)
-                for name, value in terms.items():
-                    share = value.detach().float().item() / config.gradient_accumulation_steps
-                    step_terms[name] = step_terms.get(name, 0.0) + share
-            logs = {f"train/{name}": value for name, value in step_terms.items()} | {"lr": scheduler.get_last_lr()[0]}
-            if config.max_grad_norm > 0:
-                grad_norm = accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-                if grad_norm is not None:  # some backends (DeepSpeed) clip internally and report nothing
-                    logs["grad_norm"] = float(grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            last_terms = step_terms
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_terms['loss']:.4f}")
-            if config.report_to and progress.step % max(1, config.logging_steps) == 0:
-                accelerator.log(logs, step=progress.step)
-            if config.checkpointing_steps and progress.step % config.checkpointing_steps == 0:
-                _save_checkpoint(accelerator, checkpoints_dir, progress.step, config.keep_checkpoints)
-
-        if evaluate is not None and progress.step > 0:
-            metrics = evaluate(accelerator.unwrap_model(model).model) if accelerator.is_main_process else {}
-            if accelerator.is_main_process:
-                history.append({"epoch": epoch, "step": progress.step, **metrics})
-                if config.report_to:
-                    accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.step)
-                if config.eval_metric not in metrics:
-                    raise KeyError(f"{stage_name}: eval_metric {config.eval_metric!r} is not among {sorted(metrics)}")
-                value = metrics[config.eval_metric]
-                if _is_better(value, progress.best_metric, config.greater_is_better):
-                    progress.best_metric, progress.best_step = value, progress.step
-                    _save_best(accelerator.unwrap_model(model).model, best_dir)
-            accelerator.wait_for_everyone()
-        if progress.step >= total_steps:
-            break
-    bar.close()
+    except KeyboardInterrupt:
+        if accelerator.is_main_process:
+            where = (
+                f"rerun with --resume_from_checkpoint latest to continue from {last_checkpoint}"
+                if last_checkpoint is not None
+                else "no checkpoint was saved (set save_steps to save some)"
+            )
+            print(f"\n{stage_name}: interrupted at step {progress.step} of {total_steps}; {where}", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
 
     unwrapped = accelerator.unwrap_model(model).model
-    if config.load_best_at_end and progress.best_step >= 0 and (best_dir / "model.safetensors").is_file():
+    if config.load_best_model_at_end and progress.best_step >= 0 and (best_dir / "model.safetensors").is_file():
         unwrapped.load_state_dict(load_file(str(best_dir / "model.safetensors")), strict=False)
-    if config.report_to:
+    if accelerator.log_with:
         accelerator.end_training()
     summary = {
         "steps": progress.step,
         "num_processes": accelerator.num_processes,
         "best_metric": progress.best_metric,
         "best_step": progress.best_step,
-        "eval_metric": config.eval_metric,
+        "metric_for_best_model": config.metric_for_best_model,
         "last_train_terms": last_terms,
         "history": history,
     }
     return unwrapped, summary
-
-
-def _save_checkpoint(accelerator: Accelerator, checkpoints_dir: Path, step: int, keep: int) -> None:
-    # Written under a temporary name and renamed once complete, so `latest` never points to half a checkpoint.
-    final, temporary = checkpoints_dir / f"step_{step}", checkpoints_dir / f"step_{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(temporary))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        temporary.rename(final)
-        for old in checkpoint_folders(checkpoints_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _save_best(model: torch.nn.Module, best_dir: Path) -> None:
-    temporary = best_dir.with_name(best_dir.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    shutil.rmtree(best_dir, ignore_errors=True)
-    temporary.rename(best_dir)

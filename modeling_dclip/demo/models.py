@@ -1,10 +1,9 @@
 """
 Which DCLIP models the demo shows, loading them, and encoding with them.
 
-Models load with transformers' Auto classes and `trust_remote_code=True`, so that a Hub id needs nothing but
-transformers (the model's code travels with it). Without a model named, the demo takes the newest `dclip run` output
-it finds, then (in a Space) the models its README lists, and finally the embedded-default student, which needs the
-`modeling_dclip` package and has untrained projections.
+Models load through `modeling_dclip.loading` (this package's classes, safetensors weights only, no remote code).
+Without a model named, the demo takes the newest `dclip run` output it finds, then (in a Space) the models its
+README lists, and finally the embedded-default student, which has untrained projections.
 """
 
 from __future__ import annotations
@@ -15,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
+
+from ..encoding import encode_images, encode_texts
+from ..feature_store import FeatureStore
 
 STUDENT_ENV = "DCLIP_STUDENT"
 TEACHER_ENV = "DCLIP_TEACHER"
@@ -49,7 +49,7 @@ def newest_run(runs_dirs: Sequence[str | os.PathLike]) -> Path | None:
 
 
 def space_readme_models(app_dir: Path) -> list[str]:
-    """The `models:` of the Space README next to the app (student first, then teacher)."""
+    """The `models:` of the Space README in `app_dir`, the Space folder (student first, then teacher)."""
     from huggingface_hub import metadata_load
 
     metadata = metadata_load(app_dir / "README.md") or {}
@@ -90,8 +90,17 @@ def choose_models(
 class DemoModels:
     """The student (search, ranking, zero-shot) and optionally the teacher (region view), ready for inference."""
 
-    def __init__(self, student, processor, teacher=None, teacher_processor=None, description: str = ""):
+    def __init__(
+        self,
+        student,
+        processor,
+        teacher=None,
+        teacher_processor=None,
+        description: str = "",
+        store: FeatureStore | None = None,
+    ):
         self.student = student.eval()
+        self.store = store if store is not None else FeatureStore()
         self.processor = processor
         self.teacher = teacher.eval() if teacher is not None else None
         self.teacher_processor = teacher_processor
@@ -99,17 +108,15 @@ class DemoModels:
 
     @classmethod
     def load(cls, choice: ModelChoice) -> DemoModels:
-        from transformers import AutoModel, AutoProcessor
+        from ..loading import load_model_and_processor
 
         if choice.student is None:
             student, processor = _embedded_default_student()
         else:
-            student = AutoModel.from_pretrained(choice.student, trust_remote_code=True)
-            processor = AutoProcessor.from_pretrained(choice.student, trust_remote_code=True)
+            student, processor = load_model_and_processor(choice.student, device="cpu")
         teacher = teacher_processor = None
         if choice.teacher is not None:
-            teacher = AutoModel.from_pretrained(choice.teacher, trust_remote_code=True)
-            teacher_processor = AutoProcessor.from_pretrained(choice.teacher, trust_remote_code=True)
+            teacher, teacher_processor = load_model_and_processor(choice.teacher, device="cpu")
             if teacher.config.model_type != "dclip_teacher":
                 raise ValueError(f"{choice.teacher}: a {teacher.config.model_type} model, not a DCLIP teacher")
         description = f"Student from the {choice.origin}." + (
@@ -117,28 +124,18 @@ class DemoModels:
         )
         return cls(student, processor, teacher, teacher_processor, description)
 
-    @torch.no_grad()
     def encode_images(self, images: list[Image.Image]) -> np.ndarray:
-        """L2-normalised image embeddings `[n, dim]` (float32)."""
-        embeds = []
-        for start in range(0, len(images), _BATCH_SIZE):
-            pixel_values = self.processor(images=images[start : start + _BATCH_SIZE], return_tensors="pt")[
-                "pixel_values"
-            ]
-            embeds.append(self.student.get_image_features(pixel_values=pixel_values).pooler_output)
-        return F.normalize(torch.cat(embeds).float(), dim=-1).numpy()
+        """L2-normalised image embeddings `[n, dim]` (float32), through the package's one encoding module."""
+        return encode_images(self.student, self.processor, images, _BATCH_SIZE).numpy()
 
-    @torch.no_grad()
+    def encode_gallery(self, images: list[Image.Image]) -> np.ndarray:
+        """[`encode_images`] through the feature store: a gallery embedded once is read back (by its pixels and
+        the student's weights) when the demo restarts or the same images are uploaded again."""
+        return self.store.image_embeddings(self.student, self.processor, images, _BATCH_SIZE).numpy()
+
     def encode_texts(self, texts: list[str]) -> np.ndarray:
-        """L2-normalised text embeddings `[n, dim]` (float32)."""
-        embeds = []
-        for start in range(0, len(texts), _BATCH_SIZE):
-            inputs = self.processor(text=texts[start : start + _BATCH_SIZE], return_tensors="pt")
-            features = self.student.get_text_features(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-            ).pooler_output
-            embeds.append(features)
-        return F.normalize(torch.cat(embeds).float(), dim=-1).numpy()
+        """L2-normalised text embeddings `[n, dim]` (float32), through the package's one encoding module."""
+        return encode_texts(self.student, self.processor, texts, _BATCH_SIZE).numpy()
 
     @property
     def logit_scale(self) -> float:
@@ -146,13 +143,8 @@ class DemoModels:
 
 
 def _embedded_default_student():
-    try:
-        from modeling_dclip import EMBEDDED_TEXT, EMBEDDED_VISION, DCLIPModel, DCLIPProcessor
-    except ImportError as error:
-        raise RuntimeError(
-            "No model given and no `dclip run` output found, and the embedded default needs the `modeling_dclip` "
-            "package: pass --model PATH_OR_HUB_ID (or set DCLIP_STUDENT), or install dclip."
-        ) from error
+    from .. import EMBEDDED_TEXT, EMBEDDED_VISION, DCLIPModel, DCLIPProcessor
+
     student = DCLIPModel.from_vision_text_pretrained(EMBEDDED_VISION, EMBEDDED_TEXT)
     processor = DCLIPProcessor.from_vision_text_pretrained(EMBEDDED_VISION, EMBEDDED_TEXT)
     return student, processor

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from modeling_dclip.search.index import SearchIndex
+from ..processing_dclip import load_image
+from ..search.index import SearchIndex
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
@@ -79,11 +80,12 @@ def sample_photos() -> list[GalleryItem]:
 
 def open_image(path: str | Path, name: str | None = None) -> Image.Image:
     """
-    An upright RGB image from a file the user gave, with the demo's limits.
+    An upright RGB image from a file the user gave, with the demo's limits, read by the package's one image loader
+    (`modeling_dclip.processing_dclip.load_image`).
 
     Raises:
-        `GalleryInputError` naming the file: missing, not an image type the demo takes, larger than
-        `MAX_IMAGE_BYTES` or `MAX_IMAGE_PIXELS`, or not a readable image.
+        `GalleryInputError` naming the file (by `name`, never by its path on the server): missing, not an image type
+        the demo takes, larger than `MAX_IMAGE_BYTES` or `MAX_IMAGE_PIXELS`, or not a readable image.
     """
     path = Path(path)
     name = name or path.name
@@ -95,25 +97,10 @@ def open_image(path: str | Path, name: str | None = None) -> Image.Image:
     if size > MAX_IMAGE_BYTES:
         raise GalleryInputError(f"{name}: {size / 2**20:.1f} MB is above the {MAX_IMAGE_BYTES / 2**20:.0f} MB limit")
     try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise GalleryInputError(
-                    f"{name}: {image.width}x{image.height} pixels is above the {MAX_IMAGE_PIXELS:,} pixel limit"
-                )
-            image.load()
-            image = ImageOps.exif_transpose(image)
-    except GalleryInputError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise GalleryInputError(f"{name}: not a readable image ({type(error).__name__})") from error
-    if image.width == 0 or image.height == 0:
-        raise GalleryInputError(f"{name}: empty image")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent pixels over white, as a viewer shows them, rather than whatever colour they store.
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-        return background
-    return image.convert("RGB")
+        # A bare file name for errors: an upload's path on the server is nothing a visitor should see.
+        return load_image({"path": None, "bytes": path.read_bytes()}, name=name, max_pixels=MAX_IMAGE_PIXELS)
+    except (OSError, ValueError) as error:
+        raise GalleryInputError(str(error)) from error
 
 
 def folder_images(folder: str | Path) -> list[GalleryItem]:
