@@ -252,11 +252,8 @@ def test_index_resumes_after_kill_9(saved, tmp_path):
 
 
 def test_demo_gallery_searches_through_the_package_index(tmp_path):
-    sys.path.insert(0, str(REPO / "spaces_demo"))
-    try:
-        import demo_gallery
-    finally:
-        sys.path.remove(str(REPO / "spaces_demo"))
+    from modeling_dclip.demo import gallery as demo_gallery
+
     rng = np.random.default_rng(5)
     (tmp_path / "gallery").mkdir()
     for index in range(6):  # distinct colours, so that the embeddings below differ clearly
