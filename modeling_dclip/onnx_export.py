@@ -94,7 +94,7 @@ def export_onnx(model, processor, output_dir: str | os.PathLike, source: str | N
     pixel_values, text = _sample_inputs(processor)
     batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
     _export(
-        ImageEncoder(model),
+        ImageEncoder(model).eval(),
         (pixel_values,),
         ["pixel_values"],
         "image_embeds",
@@ -102,7 +102,7 @@ def export_onnx(model, processor, output_dir: str | os.PathLike, source: str | N
         output_dir / IMAGE_FILE,
     )
     _export(
-        TextEncoder(model),
+        TextEncoder(model).eval(),
         (text["input_ids"], text["attention_mask"]),
         ["input_ids", "attention_mask"],
         "text_embeds",
@@ -139,6 +139,8 @@ class OnnxEncoders:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
+        # No busy-waiting between runs: idle threads would otherwise spin on cores other work needs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1

@@ -249,3 +249,28 @@ def test_index_resumes_after_kill_9(saved, tmp_path):
     assert torch.equal(resumed.embeddings, uninterrupted.embeddings) and len(resumed) == 30
     assert resumed.items["path"] == uninterrupted.items["path"]
     assert load_file(str(killed / "embeddings.safetensors"))["embeddings"].shape == (30, 16)
+
+
+def test_demo_gallery_searches_through_the_package_index(tmp_path):
+    from modeling_dclip.demo import gallery as demo_gallery
+
+    rng = np.random.default_rng(5)
+    (tmp_path / "gallery").mkdir()
+    for index in range(6):  # distinct colours, so that the embeddings below differ clearly
+        colour = rng.integers(0, 256, (1, 1, 3), dtype=np.uint8)
+        Image.fromarray(np.broadcast_to(colour, (16, 16, 3)).copy()).save(tmp_path / "gallery" / f"{index}.png")
+    items = demo_gallery.uploaded_images(sorted((tmp_path / "gallery").glob("*.png")))
+    projection = np.random.default_rng(0).standard_normal((12, 8)).astype(np.float32)
+
+    def encode(images):
+        features = np.stack([np.asarray(image.resize((2, 2)), dtype=np.float32).reshape(-1) for image in images])
+        embeddings = features @ projection
+        return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+
+    gallery = demo_gallery.GalleryIndex.build(items, encode, tmp_path / "thumbnails")
+    assert isinstance(gallery.index, SearchIndex)
+    query = encode([Image.open(items[2].path).convert("RGB")])[0]
+    hits = gallery.search(query, 4)
+    expected = np.argsort(-(encode([Image.open(item.path).convert("RGB") for item in items]) @ query))[:4]
+    assert [hit.item.path for hit in hits] == [items[i].path for i in expected]
+    assert hits[0].item.path == items[2].path and hits[0].score == pytest.approx(1.0, abs=1e-3)

@@ -61,8 +61,8 @@ class GalleryItems:
     """The images of a gallery before indexing.
 
     Attributes:
-        names (`list[str]`): each image's name in messages and in the index's `path` column (its file path, or
-            `SPEC#row` for an image stored as bytes).
+        names (`list[str]`): each image's name in messages and in the index's `path` column (its absolute file
+            path, or `SPEC#row` for an image stored as bytes).
         sources (`list[dict]`): each image as `datasets.Image` takes it: `{"path": str | None, "bytes": bytes | None}`.
         captions (`list[list[str]]`): each image's captions (empty for a folder of images).
     """
@@ -89,7 +89,9 @@ def gallery_items(images: str | os.PathLike) -> GalleryItems:
         if not paths:
             raise ValueError(f"{images}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return GalleryItems(
-            [str(path) for path in paths], [{"path": str(path), "bytes": None} for path in paths], [[] for _ in paths]
+            [os.path.abspath(path) for path in paths],
+            [{"path": str(path), "bytes": None} for path in paths],
+            [[] for _ in paths],
         )
     from ..data.spec import load_dataset_spec
 
@@ -98,7 +100,10 @@ def gallery_items(images: str | os.PathLike) -> GalleryItems:
         raise ValueError(f"{images}: the dataset has no 'image' column (its columns are {dataset.column_names})")
     sources = dataset.cast_column("image", datasets.Image(decode=False))["image"]
     captions = dataset["captions"] if "captions" in dataset.column_names else [[] for _ in sources]
-    names = [source.get("path") or f"{images}#{row}" for row, source in enumerate(sources)]
+    names = [
+        os.path.abspath(source["path"]) if source.get("path") else f"{images}#{row}"
+        for row, source in enumerate(sources)
+    ]
     return GalleryItems(names, [dict(source) for source in sources], [list(c) for c in captions])
 
 
