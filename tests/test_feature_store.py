@@ -133,7 +133,7 @@ def test_bad_dataset_boxes_missing_columns_and_corrupt_images_are_named(tmp_path
     good, bad = tmp_path / "good.png", tmp_path / "bad.jpg"
     Image.new("RGB", (20, 20), "red").save(good)
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    with pytest.raises(ValueError, match=r"bad\.jpg: not a readable image"):
+    with pytest.raises(ValueError, match=r"bad\.jpg\)?: not a readable image"):
         store.region_boxes([str(good), str(bad)], GridRegionExtractor(), chunk_size=1)
     # The chunk finished before the bad image is kept (a failed or killed run keeps its finished chunks).
     assert len(entries(store, "region_boxes")) == 1

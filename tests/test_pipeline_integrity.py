@@ -120,7 +120,9 @@ def test_seed_config_and_data_changes_recompute_what_they_affect(photos, tmp_pat
     store = FeatureStore()
     teacher = DCLIPTeacherModel.from_pretrained(out / "teacher")
     processor = DCLIPProcessor.from_pretrained(out / "teacher")
-    assert processor.region_config == results["dataset"]["regions"] and processor.region_config["type"] == "grid"
+    recorded = results["dataset"]["regions"]
+    assert processor.region_config["type"] == recorded["type"] == "grid"
+    assert processor.region_config["scales"] == recorded["scales"]
     train = load_dataset_spec(str(photos)).filter(lambda split: split == "train", input_columns="split")
     table = CaptionTable.from_dataset(train)
     before = sorted((store.root / "teacher_targets").glob("*.safetensors"))
