@@ -470,7 +470,12 @@ class FeatureStore:
                         continue
                     if not target.is_file():
                         boxes = compute_region_boxes(images, source, batch_size, [first_row[d] for d in chunk])
-                        self._save(target, "region_boxes", {"source": settings, "images": chunk}, boxes)
+                        self._save(
+                            target,
+                            "region_boxes",
+                            {"source": settings, "images": chunk, "process": process_index},
+                            boxes,
+                        )
                 bar.update(len(chunk))
             for target in pending:
                 with _locked(target.with_suffix(".lock")):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from modeling_dclip import DCLIPModel
@@ -190,3 +191,54 @@ def test_regions_killed_midway_resume_where_they_stopped(tmp_path):
     assert set(done) <= set(after) and len(after) == 3
     # The chunks finished before the kill were read back, not detected again.
     assert all(path.stat().st_mtime_ns == mtime for path, mtime in done.items())
+
+
+def test_regions_split_between_two_processes_equal_one_process(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo on a CPU): the processes share the chunks, and the
+    stored regions equal those one process finds."""
+    data = karpathy_subset(tmp_path / "photos", {"train": 4, "val": 1, "test": 1})
+    env = {**os.environ, "YOLO_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    accelerate = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+    ]
+    two = subprocess.run(
+        [*accelerate, *REGIONS_COMMAND[1:], "--data", str(data), "--feature-store", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run(
+        [sys.executable, *REGIONS_COMMAND, "--data", str(data), "--feature-store", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    summaries = [json.loads(run.stdout[run.stdout.index("{") :]) for run in (two, one)]
+    assert summaries[0]["images"] == summaries[1]["images"] == 6
+    assert summaries[0]["top_classes"] == summaries[1]["top_classes"]
+    assert summaries[0]["detections_per_image"] == summaries[1]["detections_per_image"]
+    chunks = {
+        name: sorted(p.name for p in (tmp_path / name).glob("region_boxes/*/*.safetensors")) for name in ("two", "one")
+    }
+    assert len(chunks["two"]) == 3 and chunks["two"] == chunks["one"]  # the same chunks, each computed once
+    workers = set()
+    for path in (tmp_path / "two").glob("region_boxes/*/*.safetensors"):
+        with safe_open(str(path), "pt") as chunk:
+            workers.add(json.loads(chunk.metadata()["parts"])["process"])
+    assert workers == {0, 1}  # both processes detected some of the photos

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.spec import load_dataset_spec
     from ..feature_store import FeatureStore
     from ..regions import GridRegionExtractor, YoloRegionExtractor
+    from ..training.loop import launched_without_accelerator
 
     try:
         dataset = load_dataset_spec(args.data)
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"dclip regions: error: {error}", file=sys.stderr)
         return 2
-    state = PartialState()
+    # On CPUs a launcher's processes must be told so, or each believes it is the only one (see the training loop).
+    state = PartialState(cpu=launched_without_accelerator())
     store = FeatureStore(args.feature_store)
     started = time.perf_counter()
     try:
