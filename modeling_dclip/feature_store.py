@@ -189,10 +189,12 @@ def region_source_from_config(config: dict[str, Any]) -> RegionSource:
 
 
 def region_source_settings(source: RegionSource) -> dict[str, Any]:
-    """The settings that decide a source's regions, with the weights' digest for a local detector (a detector
-    retrained into the same path must not reuse the old boxes)."""
+    """The settings that decide a source's regions. A local detector is named by its file's bytes, not its path: a
+    detector retrained into the same path must not reuse the old boxes, and the same file reached by another path
+    (relative, absolute, copied into a saved processor) must."""
     settings = source.to_dict()
     if isinstance(source, YoloRegionExtractor) and Path(str(source.weights)).is_file():
+        settings["weights"] = Path(str(source.weights)).name
         settings["weights_digest"] = file_digest(source.weights)
     return settings
 

@@ -522,8 +522,10 @@ def _run_locked(
         },
     )
     region_inputs = dict(regions)
-    if regions.get("type") == "yolo":
+    if regions.get("type") == "yolo":  # the detector by its bytes: another path to the same file is the same input
         region_inputs["weights_content"] = model_source_fingerprint(str(regions["weights"]))
+        if not region_inputs["weights_content"].startswith("hub:"):
+            region_inputs["weights"] = Path(str(regions["weights"])).name
     # No validation for the teacher: scoring every (caption, image) pair each epoch would cost more than training it.
     teacher = stages.run(
         "train_teacher",
