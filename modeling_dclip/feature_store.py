@@ -507,14 +507,17 @@ class FeatureStore:
     ) -> Features:
         """[`encoding.region_features`] of every image's regions from `source`: what the teacher reads of an image
         (`region_embeds`, `region_boxes`, `region_scores`, `region_mask`, `image_embeds`), chunked and resumable."""
-        boxes = self.region_boxes(images, source, **kwargs)
         parts = {
             "base": model_fingerprint(teacher.base),
             "regions": self._boxes_parts(images, source),
             "processor": processor_settings(processor).get("image_processor"),
         }
 
+        boxes: Features = {}  # detected (or read back) only when some chunk of region features is missing
+
         def compute(start: int, stop: int) -> Features:
+            if not boxes:
+                boxes.update(self.region_boxes(images, source, **kwargs))
             return encoding.region_features(teacher, processor, images, boxes, batch_size, start=start, stop=stop)
 
         return self.chunked("region_features", parts, len(images), compute, 256, "Region embeddings", **kwargs)
