@@ -191,8 +191,13 @@ def region_source_from_config(config: dict[str, Any]) -> RegionSource:
 def region_source_settings(source: RegionSource) -> dict[str, Any]:
     """The settings that decide a source's regions. A local detector is named by its file's bytes, not its path: a
     detector retrained into the same path must not reuse the old boxes, and the same file reached by another path
-    (relative, absolute, copied into a saved processor) must."""
+    (relative, absolute, copied into a saved processor) must. How the detector is run (its batch size, its device)
+    does not decide which boxes it finds, so `dclip regions --batch-size 1` and a teacher config's default share
+    their boxes."""
     settings = source.to_dict()
+    if isinstance(source, YoloRegionExtractor):
+        for how_it_runs in ("batch_size", "device"):
+            settings.pop(how_it_runs)
     if isinstance(source, YoloRegionExtractor) and Path(str(source.weights)).is_file():
         settings["weights"] = Path(str(source.weights)).name
         settings["weights_digest"] = file_digest(source.weights)

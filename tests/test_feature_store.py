@@ -167,8 +167,9 @@ def test_yolo_boxes_are_stored_and_keyed_by_the_weights_bytes(scenes, yolo_weigh
     assert all(len(regions) == 4 and (regions.labels[1:] == DETECTED_CLASS).all() for regions in expected)
     assert_regions_equal(boxes, expected)
 
-    # The detector loads its weights on first use: still unloaded after the second call means nothing ran.
-    cached_extractor = YoloRegionExtractor(yolo_weights, **settings)
+    # The detector loads its weights on first use: still unloaded after the second call means nothing ran. Run with
+    # another batch size, it finds the same boxes, so they are reused.
+    cached_extractor = YoloRegionExtractor(yolo_weights, **{**settings, "batch_size": 1})
     again = store.region_boxes(rows, cached_extractor, batch_size=4)
     assert cached_extractor._model is None and all(torch.equal(again[k], boxes[k]) for k in boxes)
     assert len(entries(store, "region_boxes")) == 1
