@@ -362,6 +362,36 @@ def teacher_pair_embeddings(
     return {"teacher_image_embeds": torch.cat(images), "teacher_text_embeds": torch.cat(texts_out)}
 
 
+@torch.no_grad()
+def teacher_pair_scores(
+    teacher,
+    regions: Features,
+    texts: Features,
+    image_rows: torch.Tensor,
+    text_rows: torch.Tensor,
+    batch_size: int = 4096,
+) -> torch.Tensor:
+    """The teacher's score (inner product of its enriched embeddings) of image `image_rows[k]` with text
+    `text_rows[k]`, for every k, `batch_size` pairs fused at once.
+
+    Args:
+        regions: [`region_features`] of the images; texts: [`text_token_features`] of the texts.
+
+    Returns:
+        `[n_pairs]` float32 on the CPU.
+    """
+    check_batch_size(batch_size)
+    device, _ = _device_and_dtype(teacher)
+    scores = []
+    with eval_mode(teacher):
+        for first in range(0, len(image_rows), batch_size):
+            step = slice(first, first + batch_size)
+            pairs = gather_pairs(regions, texts, image_rows[step], text_rows[step])
+            image, text, _ = teacher.fuse(**{key: value.to(device) for key, value in pairs.items()})
+            scores.append((image * text).sum(dim=-1).float().cpu())
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
 __all__ = [
     "IMAGE_FEATURES",
     "TEXT_FEATURES",
@@ -378,6 +408,7 @@ __all__ = [
     "region_features",
     "regions_to_tensors",
     "teacher_pair_embeddings",
+    "teacher_pair_scores",
     "tensors_to_regions",
     "text_token_features",
     "text_tower_features",

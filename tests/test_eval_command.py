@@ -370,3 +370,51 @@ def test_a_failed_write_keeps_the_printed_metrics_and_leaves_no_temporary_file(s
     assert "text_to_image_R@1" in result.stdout  # the metrics were printed before the write was tried
     assert f"the metrics above could not be written to {out / 'results.json'}: File too large" in result.stderr
     assert list(out.iterdir()) == []  # no results.json, no temporary file
+
+
+@torch.no_grad()
+def test_teacher_reranking_a_first_stage_scores_only_its_shortlist(saved):
+    """`evaluate_model(teacher, first_stage=...)`: with a shortlist as long as the gallery it is the full pairwise
+    evaluation; with two candidates, each query's top-1 is the one of its first stage's two that the teacher scores
+    higher."""
+    from modeling_dclip import encoding
+    from modeling_dclip.evaluation import evaluate_model
+
+    teacher = DCLIPTeacherModel.from_pretrained(saved["teacher"])
+    processor = DCLIPProcessor.from_pretrained(saved["teacher"])
+    dataset, pairs, photos = scene_inputs(processor)
+    full = evaluate_model(teacher, processor, dataset, ["retrieval"])
+    student = DCLIPModel.from_pretrained(saved["student"])
+    texts = processor(text=pairs.captions)
+    first_stage = (
+        F.normalize(encoding.encode_texts(student, processor, pairs.captions), dim=-1)
+        @ F.normalize(encoding.encode_images(student, processor, dataset), dim=-1).T
+    )
+
+    everything = evaluate_model(teacher, processor, dataset, ["retrieval"], first_stage=first_stage, rerank_top_k=99)
+    assert_metrics_equal(everything, full)
+
+    two = evaluate_model(teacher, processor, dataset, ["retrieval"], first_stage=first_stage, rerank_top_k=2)
+    regions = processor(images=photos, regions=True)
+    region_embeds = teacher.encode_regions(regions["region_pixel_values"], regions["region_mask"])
+    states, embeds = teacher.encode_text_tokens(texts["input_ids"], texts["attention_mask"])
+    teacher_scores = teacher.score_pairs(
+        region_embeds,
+        regions["region_boxes"],
+        regions["region_scores"],
+        regions["region_mask"],
+        region_embeds[:, 0],
+        states,
+        texts["attention_mask"],
+        embeds,
+    )
+    shortlist = first_stage.topk(2, dim=1).indices
+    best_image = shortlist.gather(1, teacher_scores.gather(1, shortlist).argmax(1, keepdim=True))[:, 0]
+    assert two["text_to_image_R@1"] == pytest.approx((best_image == pairs.caption_to_image).double().mean().item())
+    shortlist = first_stage.T.topk(2, dim=1).indices
+    best_caption = shortlist.gather(1, teacher_scores.T.gather(1, shortlist).argmax(1, keepdim=True))[:, 0]
+    expected = (pairs.caption_to_image[best_caption] == torch.arange(len(dataset))).double().mean().item()
+    assert two["image_to_text_R@1"] == pytest.approx(expected)
+    assert two != full  # the shortlist changes what the teacher can reach
+    with pytest.raises(ValueError, match="first_stage has shape"):
+        evaluate_model(teacher, processor, dataset, ["retrieval"], first_stage=first_stage[:-1])

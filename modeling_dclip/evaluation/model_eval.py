@@ -7,6 +7,9 @@ classification, for any dual encoder and for the DCLIP teacher.
 - The teacher (`DCLIPTeacherModel`) has no standalone embeddings: it reads an image's regions together with a
   text, so it scores every (text, image) pair with `score_pairs`, over the frozen base's region embeddings
   and text token states (both cached in the feature store when one is given, see `modeling_dclip.feature_store`).
+  Given a first stage's similarity matrix (`first_stage`), it re-ranks that stage's top-k in each direction
+  instead (retrieve, then re-rank: how `dclip search --rerank` uses it), which fuses `k x (n_captions + n_images)`
+  pairs rather than `n_captions x n_images`.
 
 Metric names: those of `retrieval_metrics` (`text_to_image_R@1`, ..., `image_to_text_MRR`),
 `compositional_accuracy`, and `zeroshot_top1` / `zeroshot_top5`.
@@ -23,7 +26,7 @@ from datasets import ClassLabel
 
 from .. import encoding
 from ..data.captions import CaptionPairs, caption_pairs
-from ..encoding import IMAGE_FEATURES, eval_mode
+from ..encoding import IMAGE_FEATURES, eval_mode, teacher_pair_scores
 from ..feature_store import FeatureStore, RegionSource, compute_region_boxes, region_source_from_config
 from ..loading import load_model_and_processor as load_model_for_evaluation
 from ..modeling_dclip import DCLIPTeacherModel
@@ -163,6 +166,8 @@ def evaluate_model(
     region_source: RegionSource | None = None,
     store: FeatureStore | None = None,
     max_pairs_per_step: int = 4096,
+    first_stage: torch.Tensor | None = None,
+    rerank_top_k: int = 20,
 ) -> dict[str, float]:
     """
     Metrics of `model` on `dataset` for each task in `tasks`; each input is encoded once and shared by the tasks.
@@ -184,6 +189,12 @@ def evaluate_model(
             (keyed by model, data and settings); without one everything is computed afresh (training-time
             validation, whose model changes every epoch).
         max_pairs_per_step (`int`, *optional*, defaults to 4096): teacher only, pairs fused at once.
+        first_stage (`torch.Tensor` of shape `[n_captions, n_images]`, *optional*): teacher only: a first stage's
+            similarity (e.g. its base's embeddings); the teacher then re-scores only that stage's `rerank_top_k`
+            images of each caption and captions of each image. R@K is exact for K <= `rerank_top_k`; the items
+            outside a query's shortlist keep the first stage's order, below the shortlist (mAP and MRR count them
+            there). Without it the teacher scores every pair.
+        rerank_top_k (`int`, *optional*, defaults to 20): the shortlist's length with `first_stage`.
 
     Returns:
         `dict[str, float]`: the metrics of the requested tasks (see the module docstring for their names).
@@ -206,6 +217,8 @@ def evaluate_model(
                 region_source,
                 store,
                 max_pairs_per_step,
+                first_stage,
+                rerank_top_k,
             )
     metrics: dict[str, float] = {}
     image_embeds = (
@@ -246,6 +259,8 @@ def _evaluate_teacher(
     region_source: RegionSource | None,
     store: FeatureStore | None,
     max_pairs_per_step: int,
+    first_stage: torch.Tensor | None,
+    rerank_top_k: int,
 ) -> dict[str, float]:
     # The teacher's own record of its regions (a detector's settings, or the dataset's boxes) unless told otherwise.
     source = region_source if region_source is not None else region_source_from_config(processor.region_config)
@@ -267,13 +282,24 @@ def _evaluate_teacher(
     metrics: dict[str, float] = {}
     if pairs is not None:
         texts = teacher_text_features(pairs.captions)
-        if "retrieval" in tasks:
+        if "retrieval" in tasks and first_stage is not None:
+            metrics.update(
+                _reranked_retrieval(
+                    teacher, images, texts, pairs.caption_to_image, first_stage, rerank_top_k, max_pairs_per_step
+                )
+            )
+        elif "retrieval" in tasks:
             similarity = teacher.score_pairs(**images, **texts, max_pairs_per_step=max_pairs_per_step)
             metrics.update(retrieval_metrics(similarity.float().cpu(), pairs.caption_to_image))
         if "compositional" in tasks:
             negatives = teacher_text_features(pairs.hard_negatives)
-            true_scores = _paired_scores(teacher, images, texts, pairs.caption_to_image, max_pairs_per_step)
-            negative_scores = _paired_scores(teacher, images, negatives, pairs.caption_to_image, max_pairs_per_step)
+            in_order = torch.arange(len(pairs.caption_to_image))
+            true_scores = teacher_pair_scores(
+                teacher, images, texts, pairs.caption_to_image, in_order, max_pairs_per_step
+            )
+            negative_scores = teacher_pair_scores(
+                teacher, images, negatives, pairs.caption_to_image, in_order, max_pairs_per_step
+            )
             metrics["compositional_accuracy"] = compositional_accuracy(true_scores, negative_scores)
     if "zeroshot" in tasks:
         prompts = [template.replace("{}", name) for name in classnames for template in templates]
@@ -286,19 +312,39 @@ def _evaluate_teacher(
     return metrics
 
 
-def _paired_scores(
-    teacher: DCLIPTeacherModel, images: Features, texts: Features, image_rows: torch.Tensor, pairs_per_step: int
-) -> torch.Tensor:
-    """Score of text k with image `image_rows[k]`, for every k: `[n_texts]` (float32, CPU)."""
-    scores = []
-    for start in range(0, len(image_rows), pairs_per_step):
-        rows = image_rows[start : start + pairs_per_step].to(images["region_embeds"].device)
-        image, text, _ = teacher.fuse(
-            **{key: images[key][rows] for key in IMAGE_FEATURES},
-            **{key: value[start : start + pairs_per_step] for key, value in texts.items()},
+def _reranked_retrieval(
+    teacher: DCLIPTeacherModel,
+    images: Features,
+    texts: Features,
+    caption_to_image: torch.Tensor,
+    first_stage: torch.Tensor,
+    top_k: int,
+    pairs_per_step: int,
+) -> dict[str, float]:
+    """Retrieval metrics of the teacher re-ranking `first_stage`'s top-k in each direction (see `evaluate_model`)."""
+    first_stage = first_stage.float().cpu()
+    n_captions, n_images = len(caption_to_image), len(images["region_embeds"])
+    if first_stage.shape != (n_captions, n_images):
+        raise ValueError(
+            f"first_stage has shape {tuple(first_stage.shape)}, expected [n_captions, n_images] = "
+            f"[{n_captions}, {n_images}]"
         )
-        scores.append((image * text).sum(dim=-1).float().cpu())
-    return torch.cat(scores)
+    if top_k < 1:
+        raise ValueError(f"rerank_top_k must be at least 1, got {top_k}")
+    metrics = {}
+    for direction, scores in (("text_to_image", first_stage), ("image_to_text", first_stage.T)):
+        k = min(top_k, scores.shape[1])
+        shortlist = scores.topk(k, dim=1).indices
+        queries = torch.arange(len(scores)).repeat_interleave(k)
+        candidates = shortlist.reshape(-1)
+        image_rows, text_rows = (candidates, queries) if direction == "text_to_image" else (queries, candidates)
+        teacher_scores = teacher_pair_scores(teacher, images, texts, image_rows, text_rows, pairs_per_step).view(-1, k)
+        # The rest keeps the first stage's order, moved below the lowest of the teacher's scores.
+        reranked = scores - scores.max() + teacher_scores.min() - 1.0
+        reranked.scatter_(1, shortlist, teacher_scores)
+        found = retrieval_metrics(reranked if direction == "text_to_image" else reranked.T, caption_to_image)
+        metrics.update({key: value for key, value in found.items() if key.startswith(direction)})
+    return metrics
 
 
 __all__ = [

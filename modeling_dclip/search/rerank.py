@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..encoding import IMAGE_FEATURES, gather_pairs, text_token_features
+from ..encoding import IMAGE_FEATURES, teacher_pair_scores, text_token_features
 from ..feature_store import FeatureStore, RegionSource, region_source_from_config
 from ..modeling_dclip import DCLIPTeacherModel
 
@@ -94,19 +94,10 @@ class TeacherReranker:
         """
         ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
         queries, k = ids.shape
-        device = next(self.teacher.parameters()).device
-        image_rows, text_rows = ids.reshape(-1), torch.arange(queries).repeat_interleave(k)
-        scores = []
-        for start in range(0, len(image_rows), pairs_per_step):
-            pairs = gather_pairs(
-                self.features,
-                texts,
-                image_rows[start : start + pairs_per_step],
-                text_rows[start : start + pairs_per_step],
-            )
-            image, text, _ = self.teacher.fuse(**{key: value.to(device) for key, value in pairs.items()})
-            scores.append((image * text).sum(dim=-1).float().cpu())
-        return torch.cat(scores).view(queries, k)
+        text_rows = torch.arange(queries).repeat_interleave(k)
+        return teacher_pair_scores(self.teacher, self.features, texts, ids.reshape(-1), text_rows, pairs_per_step).view(
+            queries, k
+        )
 
     def rerank(
         self, text: str | dict[str, torch.Tensor], ids: np.ndarray | torch.Tensor
