@@ -198,9 +198,9 @@ def region_source_settings(source: RegionSource) -> dict[str, Any]:
     if isinstance(source, YoloRegionExtractor):
         for how_it_runs in ("batch_size", "device"):
             settings.pop(how_it_runs)
-    if isinstance(source, YoloRegionExtractor) and Path(str(source.weights)).is_file():
-        settings["weights"] = Path(str(source.weights)).name
-        settings["weights_digest"] = file_digest(source.weights)
+        if Path(str(source.weights)).is_file():
+            settings["weights"] = Path(str(source.weights)).name
+            settings["weights_digest"] = file_digest(source.weights)
     return settings
 
 

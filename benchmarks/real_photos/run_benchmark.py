@@ -30,8 +30,8 @@ RETRIEVAL = tuple(f"{d}_{m}" for d in ("text_to_image", "image_to_text") for m i
 WISE_ALPHAS = (0.25, 0.5, 0.75)
 RERANK_TOP_K = 20
 """The teacher re-ranks the base's top 20 images of each caption and captions of each image (retrieve, then re-rank,
-as `dclip search --rerank` uses it): every pair of a 1,000-photo split (5 million) costs about 45 minutes of this
-CPU, the shortlists 120,000 pairs."""
+as `dclip search --rerank` uses it): every pair of a 1,000-photo split (5 million) costs about 1.4 hours of this
+CPU, the shortlists (120,000 pairs) 2 minutes (`time_teacher_pairs.py`)."""
 DEFAULT_BUDGET = {
     "align": {
         "num_train_epochs": 10,
