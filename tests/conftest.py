@@ -46,6 +46,18 @@ def pytest_sessionstart(session) -> None:
         assert imported == installed, f"the tests import {imported}, not the installed package at {installed}"
 
 
+def accelerate_launch(num_processes: int = 1, mixed_precision: str = "no") -> list[str]:
+    """The `accelerate launch` prefix (the script or `-m module` and its arguments follow) for `num_processes` CPU
+    processes, gloo with `--multi_gpu` from two on; every setting a user's accelerate config file would supply is given,
+    so no test depends on one."""
+    multi_gpu = ["--multi_gpu"] if num_processes > 1 else []
+    return [
+        *(sys.executable, "-m", "accelerate.commands.launch", *multi_gpu),
+        *("--num_processes", str(num_processes), "--num_machines", "1"),
+        *("--mixed_precision", mixed_precision, "--dynamo_backend", "no"),
+    ]
+
+
 def dclip_command() -> str:
     """The `dclip` console script of the environment running the tests."""
     script = shutil.which("dclip", path=str(Path(sys.executable).parent))

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import accelerate_launch
 from safetensors import safe_open
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
@@ -198,21 +199,7 @@ def test_regions_split_between_two_processes_equal_one_process(tmp_path):
     stored regions equal those one process finds."""
     data = karpathy_subset(tmp_path / "photos", {"train": 4, "val": 1, "test": 1})
     env = {**os.environ, "YOLO_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    accelerate = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-    ]
+    accelerate = [*accelerate_launch(2), "-m"]
     two = subprocess.run(
         [*accelerate, *REGIONS_COMMAND[1:], "--data", str(data), "--feature-store", str(tmp_path / "two")],
         env=env,

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import accelerate_launch
 from safetensors.torch import load_file
-from test_training import ACCELERATE, REPO, cpu_one_thread, subprocess_env, tiny_base  # noqa: F401 (fixtures)
+from test_training import REPO, cpu_one_thread, subprocess_env, tiny_base  # noqa: F401 (fixtures)
 
 from modeling_dclip import DCLIPModel, DCLIPProcessor
 from modeling_dclip.encoding import encode_texts
@@ -54,16 +55,7 @@ def launch(config_name: str, data: str, output_dir: Path, *overrides: str) -> di
     `training_complete.json`."""
     result = subprocess.run(
         [
-            ACCELERATE,
-            "launch",
-            "--num_processes",
-            "1",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
+            *accelerate_launch(1),
             str(REPO / "trainers" / "distill_student.py"),
             "--config",
             str(CONFIGS / f"{config_name}.yaml"),

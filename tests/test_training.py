@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import accelerate_launch
 from safetensors.torch import load_file
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig, get_scheduler
 
@@ -35,7 +36,6 @@ from modeling_dclip.training.loop import PROGRESS_FILE, checkpoint_folders, make
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
 def save_tiny_base(path: Path) -> Path:
@@ -353,9 +353,9 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tiny_base, tmp_path):
         torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=0, msg=name)
 
 
-def _launch(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`accelerate launch` one process (the launcher's flags first, then the script and its arguments)."""
-    command = [ACCELERATE, "launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no", *args]
+def _launch(*args: str, mixed_precision: str = "no", timeout: int = 300) -> subprocess.CompletedProcess:
+    """`accelerate launch` one process of the script and arguments `args`."""
+    command = [*accelerate_launch(1, mixed_precision), *args]
     return subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
@@ -428,13 +428,12 @@ def test_bf16_accumulation_warmup_clipping_and_tensorboard(tiny_base, tmp_path):
     arguments = [f"--{name}={value}" for name, value in common.items()]
     bf16_dir = tmp_path / "bf16"
     result = _launch(
-        "--mixed_precision",
-        "bf16",
         str(REPO / "trainers" / "align_base.py"),
         *arguments,
         f"--output_dir={bf16_dir}",
         "--report_to=tensorboard",
         "--logging_steps=1",
+        mixed_precision="bf16",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     bf16 = _weights(bf16_dir)
@@ -591,17 +590,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_base, tmp_path)
     distill_student(parse_stage_config(DistillConfig, _distill_args(tiny_base, single)))
     result = subprocess.run(
         [
-            ACCELERATE,
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
+            *accelerate_launch(2),
             str(REPO / "trainers" / "distill_student.py"),
             *_distill_args(tiny_base, double),
         ],

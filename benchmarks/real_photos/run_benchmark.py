@@ -23,7 +23,10 @@ import random
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 HERE = Path(__file__).resolve().parent
 RETRIEVAL = tuple(f"{d}_{m}" for d in ("text_to_image", "image_to_text") for m in ("R@1", "R@5", "R@10", "mAP"))
@@ -49,6 +52,7 @@ DEFAULT_BUDGET = {
         "num_attention_heads": 4,
         "intermediate_size": 512,
         "dropout": 0.1,
+        "regions": {"type": "yolo", "max_regions": 10, "conf": 0.25},
     },
     "finetune": {
         "num_train_epochs": 3,
@@ -64,7 +68,21 @@ DEFAULT_BUDGET = {
     },
 }
 """Stage settings: every fine-tuned model gets `finetune` (same frozen blocks, epochs, batch), only its recipe and
-learning rate differ."""
+learning rate differ. The teacher's YOLO `regions` read the `--detector` weights."""
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "regions-none": {"teacher": {"regions": {"type": "grid", "scales": [2], "max_regions": 1}}},
+    "regions-grid": {"teacher": {"regions": {"type": "grid", "scales": [2]}}},
+    "teacher-epochs-10": {"teacher": {"num_train_epochs": 10}},
+    "teacher-wide": {"teacher": {"fusion_dim": 512, "num_attention_heads": 8, "intermediate_size": 1024}},
+    "distill-weight-0.25": {"loss_weights": {"contrastive": 1.0, "image_distill": 0.25, "text_distill": 0.25}},
+    "distill-weight-4": {"loss_weights": {"contrastive": 1.0, "image_distill": 4.0, "text_distill": 4.0}},
+    "unfrozen-vision": {"finetune": {"freeze_patterns": ["text_model.*"]}, "plain": True},
+}
+"""Ablations of the DCLIP student, each one change from the protocol at the first seed and the learning rates chosen
+for it: `teacher` changes train another teacher (evaluated as the base's re-ranker like the main one) and distil a
+student from it; `loss_weights` replace the DCLIP student's term weights; `finetune` changes the fine-tuning budget,
+also for plain fine-tuning when `plain` is set (its control). `regions-none` is the whole image alone (one region),
+`regions-grid` the whole image and its 2x2 cells (5 regions; YOLO gives 3.8 on average, at most 10)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,6 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4])
     parser.add_argument("--budget", help="YAML file updating DEFAULT_BUDGET's stage settings")
+    parser.add_argument(
+        "--ablations",
+        nargs="*",
+        default=[],
+        choices=sorted(ABLATIONS),
+        help="ablations to run after the protocol `--ablation-protocol`, in this order (see ABLATIONS)",
+    )
+    parser.add_argument("--ablation-protocol", default="disjoint", choices=["disjoint", "all"])
     parser.add_argument("--cifar-limit", type=int, default=0, help="first N images per class (0: all 1,000)")
     parser.add_argument("--output-dir", default="outputs/real_photos")
     parser.add_argument("--results-dir", default=str(HERE))
@@ -130,6 +156,7 @@ class Benchmark:
         self.fingerprints = {name: data_fingerprint(rows) for name, rows in self.splits.items()}
         self.cifar_fingerprint = {"rows": len(self.cifar), "images": images_fingerprint(self.cifar)}
         self.records: dict[str, dict] = {}
+        self.teachers: set[str] = set()
 
     def stage(self, name: str, config_class, fields: dict, inputs: dict, train) -> dict:
         from modeling_dclip.pipeline import _config_inputs
@@ -160,34 +187,45 @@ class Benchmark:
             lambda config: align_base(config, self.splits["pretrain"], store=self.store),
         )
 
-    def teacher(self) -> dict:
+    def teacher(self, name: str = "teacher", **changes) -> dict:
+        """The teacher's fusion over the frozen base, trained on the fine-tuning photos; `changes` update its
+        budget (an ablation)."""
+        from modeling_dclip.pipeline import model_source_fingerprint
         from modeling_dclip.training import TeacherConfig, train_teacher
 
-        regions = {"type": "yolo", "weights": self.args.detector, "max_regions": 10, "conf": 0.25}
-        fields = {"seed": 0, "base_model": str(self.out / "base"), "regions": regions, **self.budget["teacher"]}
-        from modeling_dclip.pipeline import model_source_fingerprint
-
+        settings = {**self.budget["teacher"], **changes}
+        regions = dict(settings.pop("regions"))
+        yolo = regions["type"] == "yolo"
+        if yolo:
+            regions["weights"] = self.args.detector
+        fields = {"seed": 0, "base_model": str(self.out / "base"), "regions": regions, **settings}
         inputs = {
             "base": self.records["base"]["fingerprint"],
             "data": self.fingerprints["finetune"],
-            "detector": model_source_fingerprint(self.args.detector),
+            "detector": model_source_fingerprint(self.args.detector) if yolo else None,
         }
+        self.teachers.add(name)
         return self.stage(
-            "teacher",
+            name,
             TeacherConfig,
             fields,
             inputs,
             lambda config: train_teacher(config, self.splits["finetune"], store=self.store),
         )
 
-    def finetune(self, name: str, seed: int, recipe: str | dict, learning_rate: float, **extra) -> dict:
+    def finetune(
+        self, name: str, seed: int, recipe: str, learning_rate: float, teacher_folder: str = "teacher", **extra
+    ) -> dict:
+        """A student fine-tuned from the base with `recipe` (a recipe name; `extra` may replace its
+        `loss_weights`), distilling from `teacher_folder` when the recipe reads the DCLIP teacher."""
         from modeling_dclip.evaluation import validator
         from modeling_dclip.training import DistillConfig, distill_student
 
         # Plain fine-tuning and Knowledge-CLIP read no image teacher; ConaCLIP's teacher encoders are the frozen base.
         teacher = {"contrastive": None, "knowledge_clip": None, "conaclip": str(self.out / "base")}.get(
-            recipe, str(self.out / "teacher")
+            recipe, str(self.out / teacher_folder)
         )
+        reads_teacher = teacher == str(self.out / teacher_folder)
         fields = {
             "seed": seed,
             "base_model": str(self.out / "base"),
@@ -201,7 +239,7 @@ class Benchmark:
             "base": self.records["base"]["fingerprint"],
             "data": self.fingerprints["finetune"],
             "val": self.fingerprints["val"],
-            "teacher": self.records["teacher"]["fingerprint"] if teacher == str(self.out / "teacher") else None,
+            "teacher": self.records[teacher_folder]["fingerprint"] if reads_teacher else None,
         }
         evaluate = validator(self.splits["val"], 64)
         return self.stage(
@@ -212,12 +250,12 @@ class Benchmark:
             lambda config: distill_student(config, self.splits["finetune"], evaluate, store=self.store),
         )
 
-    def base_similarity(self, split: str):
-        """The base's caption x image cosine similarity on `split`: the teacher's first stage."""
+    def base_similarity(self, split: str, base: tuple) -> torch.Tensor:
+        """The base's (`(model, processor)`) caption x image cosine similarity on `split`: the teacher's first
+        stage."""
         from modeling_dclip.data.captions import caption_pairs
-        from modeling_dclip.loading import load_model_and_processor
 
-        model, processor = load_model_and_processor(self.out / "base", device="cpu")
+        model, processor = base
         images = self.store.image_embeddings(model, processor, self.splits[split])
         texts = self.store.text_embeddings(model, processor, caption_pairs(self.splits[split]).captions)
         return texts @ images.T
@@ -230,30 +268,32 @@ class Benchmark:
         from modeling_dclip.loading import load_model_and_processor
 
         model_record = self.records[folder]
+        teacher = folder in self.teachers
         target = self.out / "work" / "evaluation" / f"{name}"
 
         def run() -> None:
             model, processor = load_model_and_processor(self.out / folder, device="cpu")
+            base = load_model_and_processor(self.out / "base", device="cpu") if teacher or wise_alpha < 1.0 else None
             if wise_alpha < 1.0:
                 from modeling_dclip.training.distill import wise_ft
 
-                wise_ft(model, load_model_and_processor(self.out / "base", device="cpu")[0], wise_alpha)
+                wise_ft(model, base[0], wise_alpha)
 
             def retrieval(split: str) -> dict[str, float]:
-                if folder != "teacher":
+                if not teacher:
                     return evaluate_model(model, processor, self.splits[split], ["retrieval"], store=self.store)
-                shortlist = {"first_stage": self.base_similarity(split), "rerank_top_k": RERANK_TOP_K}
+                shortlist = {"first_stage": self.base_similarity(split, base), "rerank_top_k": RERANK_TOP_K}
                 return evaluate_model(
                     model, processor, self.splits[split], ["retrieval"], store=self.store, **shortlist
                 )
 
             metrics = retrieval("test")
-            if folder != "teacher":
+            if not teacher:
                 cifar = evaluate_model(
                     model, processor, self.cifar, ["zeroshot"], templates="cifar10", store=self.store
                 )
                 metrics["cifar10_top1"] = cifar["zeroshot_top1"]
-            if folder in ("base", "teacher"):  # what the teacher adds over its base, on photos it never saw
+            if folder == "base" or teacher:  # what a teacher adds over its base, on photos it never saw
                 metrics.update({f"val_{key}": value for key, value in retrieval("val").items()})
             write_json_atomically(target / "metrics.json", metrics)
 
@@ -263,26 +303,32 @@ class Benchmark:
             "test": self.fingerprints["test"],
             "cifar": self.cifar_fingerprint,
             "version": 3,
-            "rerank_top_k": RERANK_TOP_K if folder == "teacher" else None,
+            "rerank_top_k": RERANK_TOP_K if teacher else None,
         }
         self.runner.run(f"evaluate_{name}", target, inputs, run)
         return json.loads((target / "metrics.json").read_text())
 
 
-def select_learning_rate(bench: Benchmark, name: str, recipe, learning_rates: list[float]) -> float:
+def best_val(bench: Benchmark, record: dict) -> dict[str, float]:
+    """A fine-tuning stage's val R@1 both ways at its best epoch (the highest sum: the one it keeps)."""
+    summary = json.loads((Path(bench.out) / record["stage"] / "training_complete.json").read_text())
+    best = max(summary["history"], key=lambda row: row["text_to_image_R@1"] + row["image_to_text_R@1"])
+    return {f"val_{key}": best[key] for key in ("text_to_image_R@1", "image_to_text_R@1")}
+
+
+def select_learning_rate(bench: Benchmark, name: str, recipe: str, learning_rates: list[float]) -> float:
     """The learning rate whose best epoch has the highest val R@1 (both directions summed), at the first seed."""
     scores = {}
     for rate in learning_rates:
         record = bench.finetune(f"{name}-lr{rate:g}-seed{bench.args.seeds[0]}", bench.args.seeds[0], recipe, rate)
-        summary = json.loads((Path(bench.out) / record["stage"] / "training_complete.json").read_text())
-        best = max(summary["history"], key=lambda row: row["text_to_image_R@1"] + row["image_to_text_R@1"])
-        scores[rate] = best["text_to_image_R@1"] + best["image_to_text_R@1"]
+        scores[rate] = sum(best_val(bench, record).values())
     bench.log(f"[real_photos] {name}: val R@1 sums by learning rate {scores}")
     return max(scores, key=scores.get)
 
 
-def run_protocol(args: argparse.Namespace, protocol: str, budget: dict) -> dict[str, Any]:
-    bench = Benchmark(args, protocol, budget)
+def run_protocol(bench: Benchmark) -> dict[str, Any]:
+    """The protocol's models: base, teacher, the four fine-tuned students at every seed, the WiSE-FT curve."""
+    args = bench.args
     started = time.perf_counter()
     bench.base()
     bench.teacher()
@@ -329,6 +375,60 @@ def run_protocol(args: argparse.Namespace, protocol: str, budget: dict) -> dict[
     }
 
 
+def run_ablation(bench: Benchmark, name: str, learning_rates: dict[str, float]) -> dict[str, Any]:
+    """One ablation (`ABLATIONS[name]`; `"protocol"`: no change, the protocol's own models) at the first seed: its
+    teacher re-ranking val and test, its DCLIP student, and plain fine-tuning under the same change when it is a
+    change of the fine-tuning budget; students' val R@1 at their best epoch, test and CIFAR-10 as in the protocol."""
+    change = ABLATIONS.get(name, {})
+    seed = bench.args.seeds[0]
+    suffix = "" if name == "protocol" else f"-{name}"
+    teacher_folder = f"teacher{suffix}" if "teacher" in change else "teacher"
+    models: dict[str, dict[str, float]] = {}
+    if "teacher" in change or name == "protocol":
+        bench.teacher(teacher_folder, **change.get("teacher", {}))
+        models["teacher"] = bench.evaluate(teacher_folder, teacher_folder)
+    extra = dict(change.get("finetune", {}))
+    if "loss_weights" in change:
+        extra["loss_weights"] = change["loss_weights"]
+    students = {"DCLIP student": ("dclip", "dclip")}
+    if change.get("plain") or name == "protocol":
+        students["plain fine-tuning"] = ("plain", "contrastive")
+    for label, (prefix, recipe) in students.items():
+        rate = learning_rates[label]
+        folder = f"{prefix}{suffix}-lr{rate:g}-seed{seed}"
+        record = bench.finetune(folder, seed, recipe, rate, teacher_folder, **extra)
+        models[label] = {**best_val(bench, record), **bench.evaluate(folder, folder)}
+    return {"change": change, "seed": seed, "models": models}
+
+
+def ablation_table(found: dict[str, Any]) -> list[str]:
+    """Markdown lines of a protocol's ablations: val R@1 (teacher: re-ranking the base's top-k; students: their best
+    epoch), test R@1 and CIFAR-10 retention, one seed."""
+    base_cifar = found["models"]["base"]["cifar10_top1"]["mean"]
+    seed = next(iter(found["ablations"].values()))["seed"]
+    lines = [
+        f"### Ablations (seed {seed}; `protocol`: no change)",
+        "",
+        "| ablation | model | val t2i R@1 | val i2t R@1 | test t2i R@1 | test i2t R@1 | retention |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, ablation in found["ablations"].items():
+        for label, metrics in ablation["models"].items():
+            cells = [
+                f"{100 * metrics[key]:.1f}" if key in metrics else "–"
+                for key in (
+                    "val_text_to_image_R@1",
+                    "val_image_to_text_R@1",
+                    "text_to_image_R@1",
+                    "image_to_text_R@1",
+                )
+            ]
+            kept = metrics.get("cifar10_top1")
+            cells.append(f"{100 * kept / base_cifar:.1f}" if kept is not None else "–")
+            lines.append(f"| {name} | {label} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def write_results(results: dict[str, Any], folder: Path) -> None:
     from modeling_dclip.atomic import write_json_atomically, write_text_atomically
 
@@ -351,6 +451,8 @@ def write_results(results: dict[str, Any], folder: Path) -> None:
             cells.append(f"{100 * kept['mean']:.1f} ± {100 * kept['std']:.1f}" if kept else "–")
             lines.append(f"| {label} (n={next(iter(metrics.values()))['n']}) | " + " | ".join(cells) + " |")
         lines.append("")
+        if found.get("ablations"):
+            lines += ablation_table(found)
     write_text_atomically(folder / "results.md", "\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -381,7 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.budget:
         for stage, fields in (yaml.safe_load(Path(args.budget).read_text()) or {}).items():
             budget[stage].update(fields)
-    results = {
+    results: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]),
         "budget": budget,
         "image_size": args.image_size,
@@ -389,8 +491,16 @@ def main(argv: list[str] | None = None) -> None:
         "protocols": {},
     }
     for protocol in args.protocols:
-        results["protocols"][protocol] = run_protocol(args, protocol, budget)
+        bench = Benchmark(args, protocol, budget)
+        found = results["protocols"][protocol] = run_protocol(bench)
         write_results(results, Path(args.results_dir))
+        if protocol != args.ablation_protocol:
+            continue
+        found["ablations"] = {}
+        # "protocol" (no change) first, as their reference; results written after each, so a stop keeps the rest
+        for name in ["protocol", *args.ablations] if args.ablations else []:
+            found["ablations"][name] = run_ablation(bench, name, found["learning_rates"])
+            write_results(results, Path(args.results_dir))
 
 
 if __name__ == "__main__":
