@@ -72,8 +72,10 @@ learning rate differ. The teacher's YOLO `regions` read the `--detector` weights
 ABLATIONS: dict[str, dict[str, Any]] = {
     "regions-none": {"teacher": {"regions": {"type": "grid", "scales": [2], "max_regions": 1}}},
     "regions-grid": {"teacher": {"regions": {"type": "grid", "scales": [2]}}},
-    "teacher-epochs-10": {"teacher": {"num_train_epochs": 10}},
-    "teacher-wide": {"teacher": {"fusion_dim": 512, "num_attention_heads": 8, "intermediate_size": 1024}},
+    "epochs-2": {"teacher": {"num_train_epochs": 2}},
+    "epochs-10": {"teacher": {"num_train_epochs": 10}},
+    "width-128": {"teacher": {"fusion_dim": 128, "num_attention_heads": 2, "intermediate_size": 256}},
+    "width-512": {"teacher": {"fusion_dim": 512, "num_attention_heads": 8, "intermediate_size": 1024}},
     "distill-weight-0.25": {"loss_weights": {"contrastive": 1.0, "image_distill": 0.25, "text_distill": 0.25}},
     "distill-weight-4": {"loss_weights": {"contrastive": 1.0, "image_distill": 4.0, "text_distill": 4.0}},
     "unfrozen-vision": {"finetune": {"freeze_patterns": ["text_model.*"]}, "plain": True},
@@ -82,7 +84,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 for it: `teacher` changes train another teacher (evaluated as the base's re-ranker like the main one) and distil a
 student from it; `loss_weights` replace the DCLIP student's term weights; `finetune` changes the fine-tuning budget,
 also for plain fine-tuning when `plain` is set (its control). `regions-none` is the whole image alone (one region),
-`regions-grid` the whole image and its 2x2 cells (5 regions; YOLO gives 3.8 on average, at most 10)."""
+`regions-grid` the whole image and its 2x2 cells (5 regions; YOLO gives 3.8 on average, at most 10); `epochs-N` and
+`width-N` are the teacher's epochs and fusion width (heads and FFN scaled with it)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
