@@ -110,7 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cifar-limit", type=int, default=0, help="first N images per class (0: all 1,000)")
     parser.add_argument("--output-dir", default="outputs/real_photos")
     parser.add_argument("--results-dir", default=str(HERE))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.ablations and args.ablation_protocol not in args.protocols:
+        parser.error(f"--ablations run after protocol {args.ablation_protocol!r}, which --protocols does not name")
+    return args
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
@@ -314,7 +317,7 @@ class Benchmark:
 
 def best_val(bench: Benchmark, record: dict) -> dict[str, float]:
     """A fine-tuning stage's val R@1 both ways at its best epoch (the highest sum: the one it keeps)."""
-    summary = json.loads((Path(bench.out) / record["stage"] / "training_complete.json").read_text())
+    summary = json.loads((bench.out / record["stage"] / "training_complete.json").read_text())
     best = max(summary["history"], key=lambda row: row["text_to_image_R@1"] + row["image_to_text_R@1"])
     return {f"val_{key}": best[key] for key in ("text_to_image_R@1", "image_to_text_R@1")}
 
