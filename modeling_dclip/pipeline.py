@@ -5,7 +5,8 @@ fingerprints of its inputs (the data's content, the models it starts from, the r
 output folder holds a record (`stage.json`: the fingerprint and the inputs it was computed from), written last. A
 later run reuses a finished stage only when its fingerprint matches, and otherwise says which inputs changed and
 recomputes it (and, through their fingerprints, every stage after it). A stage that fails is reported by name, and
-what finished before it stays on disk; rerunning the same command resumes. A lock file keeps a second run out of
+what finished before it stays on disk; rerunning the same command resumes, an unfinished training stage from its
+last checkpoint (`StageRunner`). A lock file keeps a second run out of
 the same folder. Expensive features (tower features, regions, token states, teacher targets) come from the
 feature store, keyed by content, so a recomputed stage reuses whatever of them still applies.
 """
@@ -60,6 +61,8 @@ class RunPreset:
         detector: YOLO weights for the teacher's regions (ultralytics: a name such as `yolov8x.pt`, a local `.pt`,
             or an exported `.onnx`), with `detector_conf`, `max_regions` (including the whole image) and
             `detector_classes` (class ids kept; all when empty).
+        save_steps: each training stage saves a checkpoint every N optimizer updates (and keeps the newest two),
+            from which an interrupted run resumes when rerun; 0: an interrupted stage restarts.
     """
 
     pretrain_images: int = 640
@@ -77,6 +80,7 @@ class RunPreset:
     detector_conf: float = 0.25
     max_regions: int = 10
     detector_classes: list | None = None
+    save_steps: int = 50
     align: dict = field(default_factory=dict)
     teacher: dict = field(default_factory=dict)
     distill: dict = field(default_factory=dict)
@@ -203,6 +207,8 @@ class RunLockedError(RuntimeError):
 
 STAGE_RECORD = "stage.json"
 """Written last into a finished stage's folder: the stage's fingerprint and the inputs it was computed from."""
+WORK_MARK = "stage_work.json"
+"""Written first into a stage's work folder: the fingerprint of the inputs its checkpoints belong to."""
 LOCK_FILE = ".dclip-run.lock"
 MODEL_NAMES = ("base", "teacher", "student")
 _UNRESULTFUL_FIELDS = (
@@ -300,7 +306,13 @@ def _config_inputs(config) -> dict[str, Any]:
 
 
 class StageRunner:
-    """Runs stages whose finished results are reused only for the inputs that produced them (module docstring)."""
+    """Runs stages whose finished results are reused only for the inputs that produced them (module docstring).
+
+    A stage's work folder (`work/<name>`: its checkpoints, best epoch and logs) is marked with the fingerprint it
+    works for. An interrupted stage rerun for the same inputs keeps it, so that its training resumes from its last
+    checkpoint (the stages train with `resume_from_checkpoint: latest`); for other inputs it is emptied first. A
+    finished stage's checkpoints are deleted once its record is written.
+    """
 
     def __init__(self, work: Path, log: Callable[[str], None]):
         self.work, self.log = work, log
@@ -311,14 +323,18 @@ class StageRunner:
 
     def run(self, name: str, folder: Path, inputs: dict[str, Any], action: Callable[[], Any]) -> dict[str, Any]:
         """The record of stage `name`, whose result lives in `folder`: read back when its fingerprint matches
-        `inputs`, else computed by `action()` (which writes `folder`).
+        `inputs`, else computed by `action()` (which writes `folder`, and trains in `work/<name>`).
 
         Raises:
             StageError: naming the stage and the cause.
         """
+        from .training.loop import CHECKPOINTS
+
         inputs = json.loads(json.dumps(inputs, default=str))
         fingerprint = digest(inputs)
         record_file = folder / STAGE_RECORD
+        work_dir, work_mark = self.work / name, self.work / name / WORK_MARK
+        resumed = False
         if record_file.is_file():
             record = json.loads(record_file.read_text())
             if record.get("fingerprint") == fingerprint:
@@ -326,10 +342,15 @@ class StageRunner:
                 return record
             changed = changed_fields(record.get("inputs", {}), inputs)
             self.log(f"[dclip run] {name}: inputs changed ({', '.join(changed)}); recomputing")
+        elif work_mark.is_file() and json.loads(work_mark.read_text()).get("fingerprint") == fingerprint:
+            resumed = True
+            self.log(f"[dclip run] {name}: resuming its unfinished run (same inputs) from its last checkpoint")
         else:
             self.log(f"[dclip run] {name}: running")
-        for stale in (folder, self.work / name):
-            shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        if not resumed:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            write_json_atomically(work_mark, {"stage": name, "fingerprint": fingerprint})
         start = time.perf_counter()
         try:
             action()
@@ -343,12 +364,14 @@ class StageRunner:
             "fingerprint": fingerprint,
             "inputs": inputs,
             "seconds": seconds,
+            "resumed": resumed,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_json_atomically(record_file, record)
+        shutil.rmtree(work_dir / CHECKPOINTS, ignore_errors=True)
         self.timings[name] = seconds
         write_json_atomically(self.timings_file, self.timings)
-        self.log(f"[dclip run] {name}: done in {seconds:.1f} s")
+        self.log(f"[dclip run] {name}: done in {seconds:.1f} s" + (" (since it resumed)" if resumed else ""))
         return record
 
 
@@ -458,7 +481,14 @@ def _run_locked(
     except Exception as error:
         raise StageError(f"stage 'data' failed: {type(error).__name__}: {error}") from error
     train, val, test = splits["train"], splits["val"] if "val" in splits else None, splits["test"]
-    common = {"seed": preset.seed, "image_size": preset.image_size, "eval_split": ""}
+    # Every training stage checkpoints, so that an interrupted one resumes where it stopped (StageRunner).
+    common = {
+        "seed": preset.seed,
+        "image_size": preset.image_size,
+        "eval_split": "",
+        "save_steps": preset.save_steps,
+        "resume_from_checkpoint": "latest",
+    }
 
     # The base: a given model unchanged (the paper's CLIP), or two towers aligned on `pretrain`.
     if preset.base_model:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from safetensors import safe_open
 
@@ -23,6 +24,7 @@ from modeling_dclip import DCLIPProcessor, DCLIPTeacherModel
 from modeling_dclip.cli import main
 from modeling_dclip.data.spec import load_dataset_spec
 from modeling_dclip.feature_store import FeatureStore
+from modeling_dclip.pipeline import StageError, StageRunner
 from modeling_dclip.training.data import CaptionTable
 
 FLICKR_1K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-1k"
@@ -150,3 +152,70 @@ def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
         first.send_signal(signal.SIGINT)
         _, stderr = first.communicate(timeout=120)
     assert first.returncode == 130 and "rerun to resume" in stderr
+
+
+def test_unfinished_work_is_resumed_only_for_the_inputs_it_was_for(tmp_path):
+    messages: list[str] = []
+    runner = StageRunner(tmp_path / "work", messages.append)
+    out, partial = tmp_path / "stage", tmp_path / "work" / "stage" / "partial"
+
+    def stop() -> None:
+        partial.write_text("an unfinished run's checkpoint")
+        raise RuntimeError("stopped")
+
+    def finish() -> None:
+        out.mkdir()
+        (tmp_path / "work" / "stage" / "checkpoints").mkdir()
+
+    with pytest.raises(StageError, match="stage 'stage' failed: RuntimeError: stopped"):
+        runner.run("stage", out, {"seed": 0}, stop)
+    # The same inputs: the unfinished work is kept for the stage to resume from; its checkpoints go once it finishes.
+    seen: list[bool] = []
+    done = runner.run("stage", out, {"seed": 0}, lambda: (seen.append(partial.is_file()), finish()))
+    assert seen == [True] and done["resumed"] is True
+    assert "stage: resuming its unfinished run (same inputs)" in messages[-2]
+    assert not (tmp_path / "work" / "stage" / "checkpoints").exists()
+    # Other inputs after a finished run, and after an unfinished one: the work folder is emptied first.
+    with pytest.raises(StageError):
+        runner.run("stage", out, {"seed": 1}, stop)
+    assert "inputs changed (seed)" in messages[-1]
+    runner.run("stage", out, {"seed": 2}, lambda: (seen.append(partial.is_file()), finish()))
+    assert seen == [True, False] and "stage: running" in messages[-2]
+    assert record(out)["resumed"] is False and record(out)["inputs"] == {"seed": 2}
+
+
+@pytest.mark.slow
+def test_an_interrupted_training_stage_resumes_from_its_last_checkpoint(photos, tmp_path, capsys):
+    settings = tmp_path / "checkpoints.yaml"
+    settings.write_text(yaml.safe_dump({"save_steps": 1, "teacher": {"num_train_epochs": 4, "batch_size": 4}}))
+    out = tmp_path / "run"
+    common = ("--data", str(photos), "--config", str(settings))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "modeling_dclip.cli", "run", "--preset", "tiny", *common, "--output-dir", str(out)]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    second_checkpoint = out / "work" / "train_teacher" / "checkpoints" / "checkpoint_1" / "custom_checkpoint_0.pkl"
+    deadline = time.time() + 300
+    while not second_checkpoint.is_file() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    first.send_signal(signal.SIGINT)
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 130, stderr
+    assert "train_teacher: interrupted at step" in stderr and "rerun the same command to continue from" in stderr
+    assert (out / "base" / "stage.json").is_file() and not (out / "teacher" / "stage.json").exists()
+
+    code, log, err = dclip_run(capsys, *common, "--output-dir", str(out))
+    assert code == 0, err
+    assert "align_base: reusing" in log and "train_teacher: resuming its unfinished run (same inputs)" in log
+    assert record(out / "teacher")["resumed"] is True
+    assert not (out / "work" / "train_teacher" / "checkpoints").exists()
+    # Resumed exactly: the teacher is the one an uninterrupted run trains.
+    code, _, err = dclip_run(capsys, *common, "--output-dir", str(tmp_path / "uninterrupted"))
+    assert code == 0, err
+    assert record(tmp_path / "uninterrupted" / "teacher")["fingerprint"] == record(out / "teacher")["fingerprint"]
+    with (
+        safe_open(str(out / "teacher" / "model.safetensors"), "pt") as resumed,
+        safe_open(str(tmp_path / "uninterrupted" / "teacher" / "model.safetensors"), "pt") as uninterrupted,
+    ):
+        assert resumed.keys() == uninterrupted.keys()
+        for key in resumed.keys():
+            torch.testing.assert_close(resumed.get_tensor(key), uninterrupted.get_tensor(key), atol=1e-6, rtol=0)

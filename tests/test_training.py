@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import accelerate_launch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig, get_scheduler
 
 from modeling_dclip import EMBEDDED_TEXT, DCLIPConfig, DCLIPModel, DCLIPProcessor
@@ -471,6 +471,13 @@ def test_bf16_accumulation_warmup_clipping_and_tensorboard(tiny_base, tmp_path):
     assert [event.value for event in events.Scalars("lr")] == pytest.approx(expected_lrs)
 
 
+class SavableLinear(torch.nn.Linear):
+    def save_pretrained(self, folder: str) -> None:
+        """What the loop calls on the model of a new best epoch."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        save_file(self.state_dict(), str(Path(folder) / "model.safetensors"))
+
+
 class Regression(torch.nn.Module):
     """A loop step whose loss is a mean over the examples (unlike a contrastive loss, whose in-batch negatives change
     with the batch), so that accumulating micro-batches must equal one larger batch exactly."""
@@ -478,25 +485,39 @@ class Regression(torch.nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.model = torch.nn.Linear(3, 1)
+        self.model = SavableLinear(3, 1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         loss = torch.nn.functional.mse_loss(self.model(batch["x"]).squeeze(-1), batch["y"])
         return {"loss": loss, "mse": loss}
 
 
-def _regress(work: Path, **settings) -> tuple[torch.nn.Module, dict]:
-    """Train [`Regression`] on 16 fixed examples through the loop; returns the model and the summary."""
+def _regress(work: Path, validate: bool = False, **settings) -> tuple[torch.nn.Module, dict]:
+    """Train [`Regression`] on 16 fixed examples through the loop (validated after each epoch on 8 others, as
+    `neg_mse`, when `validate`); returns the model and the summary."""
     generator = torch.Generator().manual_seed(1)
     x, y = torch.randn(16, 3, generator=generator), torch.randn(16, generator=generator)
+    val_x, val_y = torch.randn(8, 3, generator=generator), torch.randn(8, generator=generator)
     config = TrainingConfig(output_dir=str(work), learning_rate=0.1, warmup_steps=1, **settings)
 
     def collate(pairs: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
         rows = [row for row, _ in pairs]
         return {"x": x[rows], "y": y[rows]}
 
+    def evaluate(model: torch.nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            return {"neg_mse": -torch.nn.functional.mse_loss(model(val_x).squeeze(-1), val_y).item()}
+
     batches = PairBatches([1] * 16, config.batch_size, config.seed)
-    return train(make_accelerator(config), Regression(), config, batches, collate, stage_name="regress")
+    return train(
+        make_accelerator(config),
+        Regression(),
+        config,
+        batches,
+        collate,
+        evaluate=evaluate if validate else None,
+        stage_name="regress",
+    )
 
 
 def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
@@ -531,6 +552,21 @@ def test_resume_mid_epoch_with_accumulation_equals_the_uninterrupted_run(tmp_pat
     torch.testing.assert_close(finished.weight, uninterrupted.weight, atol=0, rtol=0)
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint folder"):
         _regress(tmp_path / "missing", **settings, resume_from_checkpoint=str(tmp_path / "nowhere"))
+
+
+def test_a_resume_from_an_epochs_last_checkpoint_neither_skips_nor_repeats_its_validation(tmp_path):
+    # 4 updates per epoch and a checkpoint every 4: each is written after its epoch's validation, and holds the
+    # validation history, so the resumed run's history, best epoch and weights are the uninterrupted run's.
+    settings = dict(batch_size=4, num_train_epochs=3, save_steps=4, save_total_limit=0, metric_for_best_model="neg_mse")
+    uninterrupted, summary = _regress(tmp_path / "uninterrupted", validate=True, **settings)
+    assert [entry["step"] for entry in summary["history"]] == [4, 8, 12]
+    checkpoint = Path(f"{tmp_path / 'uninterrupted'}-training") / "checkpoints" / "checkpoint_0"
+    resumed, resumed_summary = _regress(
+        tmp_path / "resumed", validate=True, resume_from_checkpoint=str(checkpoint), **settings
+    )
+    assert resumed_summary["history"] == summary["history"]
+    assert resumed_summary["best_step"] == summary["best_step"]
+    torch.testing.assert_close(resumed.weight, uninterrupted.weight, atol=1e-6, rtol=0)
 
 
 def test_save_total_limit_keeps_the_newest_checkpoints_and_latest_resumes(tmp_path):

@@ -9,7 +9,8 @@ variant `all` aligns it on every train photo); every fine-tuned model starts fro
 parameters and budget; `val` chooses the learning rate (searched for plain fine-tuning and for the DCLIP student,
 at the first seed) and the epoch; `test` (1,000 photos, 5,000 captions) and CIFAR-10 (10,000 images) are only
 reported. Every stage is content-keyed (`modeling_dclip.pipeline.StageRunner`): rerunning the same command reuses
-what finished, so the benchmark can be run across sessions, a seed at a time (`--seeds 1`).
+what finished (an interrupted training stage from its last checkpoint), so the benchmark can be run across sessions,
+a seed at a time (`--seeds 1`).
 
 Writes `results.json` (`models.<name>.<metric>.{mean,std}`, `zeroshot_retention`), `results.md` and
 `retention_vs_recall.png` into `--results-dir` (default: beside this file).
@@ -174,7 +175,8 @@ class Benchmark:
             work_dir=str(self.out / "work" / name),
             eval_split="",
             image_size=self.args.image_size,
-            **fields,
+            # Checkpoints every 25 updates (a few minutes here): an interrupted stage resumes from its last one.
+            **{"save_steps": 25, "resume_from_checkpoint": "latest", **fields},
         )
         record = self.runner.run(
             name, self.out / name, {"config": _config_inputs(config), **inputs}, lambda: train(config)

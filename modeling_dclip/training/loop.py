@@ -45,18 +45,26 @@ checkpoint folder without it was interrupted while being written."""
 
 
 class TrainingProgress:
-    """The loop's own state, saved with every checkpoint: optimizer updates done and the best validation so far."""
+    """The loop's own state, saved with every checkpoint: optimizer updates done, the best validation so far and
+    the validation history."""
 
     def __init__(self) -> None:
         self.step = 0
         self.best_metric: float | None = None
         self.best_step = -1
+        self.history: list[dict[str, float]] = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "best_metric": self.best_metric, "best_step": self.best_step}
+        return {
+            "step": self.step,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "history": self.history,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.best_metric, self.best_step = state["step"], state["best_metric"], state["best_step"]
+        self.history = list(state.get("history", []))  # absent from checkpoints of earlier versions
 
 
 def checkpoint_folders(work_dir: str | os.PathLike) -> list[Path]:
@@ -185,7 +193,15 @@ def train(
     if not trainable:
         raise ValueError(f"{stage_name}: no trainable parameters (check the freezing settings)")
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    loader = DataLoader(batches.pairs, batch_sampler=batches, collate_fn=collate)
+    # Its own generator: a data loader otherwise draws its workers' base seed from the global RNG each time an
+    # epoch starts, so that a run resumed in mid-epoch (whose epoch starts after the checkpoint's RNG state is
+    # restored) would draw different dropout masks from there on than the uninterrupted run.
+    loader = DataLoader(
+        batches.pairs,
+        batch_sampler=batches,
+        collate_fn=collate,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
     accumulation = config.gradient_accumulation_steps
     updates_per_epoch = math.ceil(len(loader) / accumulation)
     total_steps = config.max_steps or updates_per_epoch * config.num_train_epochs
@@ -208,7 +224,6 @@ def train(
         )
 
     bar = tqdm(total=total_steps, initial=progress.step, desc=stage_name, disable=not accelerator.is_main_process)
-    history: list[dict[str, float]] = []
     last_terms: dict[str, float] = {}
     last_checkpoint = resume
     try:
@@ -247,7 +262,9 @@ def train(
                 bar.set_postfix(loss=f"{last_terms['loss']:.4f}")
                 if accelerator.log_with and progress.step % max(1, config.logging_steps) == 0:
                     accelerator.log(logs | {f"train/{k}": v for k, v in last_terms.items()}, step=progress.step)
-                if config.save_steps and progress.step % config.save_steps == 0:
+                ends_epoch = progress.step % updates_per_epoch == 0 or progress.step >= total_steps
+                # The checkpoint of an epoch's last update waits for its validation, so that a resume never skips it.
+                if config.save_steps and progress.step % config.save_steps == 0 and not ends_epoch:
                     last_checkpoint = Path(accelerator.save_state())
                 if progress.step >= total_steps:
                     epoch_loader.end()  # left before its end: accelerate must stop tracking it
@@ -256,7 +273,7 @@ def train(
             if evaluate is not None and progress.step > 0:
                 metrics = evaluate(accelerator.unwrap_model(model).model) if accelerator.is_main_process else {}
                 if accelerator.is_main_process:
-                    history.append({"epoch": epoch, "step": progress.step, **metrics})
+                    progress.history.append({"epoch": epoch, "step": progress.step, **metrics})
                     if accelerator.log_with:
                         accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=progress.step)
                     if config.metric_for_best_model not in metrics:
@@ -270,12 +287,19 @@ def train(
                         with atomic_path(best_dir) as temporary:
                             accelerator.unwrap_model(model).model.save_pretrained(temporary)
                 accelerator.wait_for_everyone()
+            if config.save_steps and progress.step % config.save_steps == 0:
+                last_checkpoint = Path(accelerator.save_state())
             if progress.step >= total_steps:
                 break
     except KeyboardInterrupt:
         if accelerator.is_main_process:
+            rerun = (
+                "rerun the same command"
+                if config.resume_from_checkpoint == "latest"
+                else "rerun with --resume_from_checkpoint latest"
+            )
             where = (
-                f"rerun with --resume_from_checkpoint latest to continue from {last_checkpoint}"
+                f"{rerun} to continue from {last_checkpoint}"
                 if last_checkpoint is not None
                 else "no checkpoint was saved (set save_steps to save some)"
             )
@@ -296,6 +320,6 @@ def train(
         "best_step": progress.best_step,
         "metric_for_best_model": config.metric_for_best_model,
         "last_train_terms": last_terms,
-        "history": history,
+        "history": progress.history,
     }
     return unwrapped, summary
