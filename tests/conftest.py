@@ -46,6 +46,21 @@ def pytest_sessionstart(session) -> None:
         assert imported == installed, f"the tests import {imported}, not the installed package at {installed}"
 
 
+def karpathy_subset(folder: Path, counts: dict[str, int]) -> Path:
+    """The first photos of each Flickr8k split, copied with their captions into a Karpathy-format folder."""
+    source = json.loads((SHARED_DATA / "flickr8k" / "dataset_flickr8k.json").read_text())
+    kept = []
+    for entry in source["images"]:
+        if counts.get(entry["split"], 0) > 0:
+            counts[entry["split"]] -= 1
+            kept.append(entry)
+    (folder / "images").mkdir(parents=True)
+    for entry in kept:
+        shutil.copy(SHARED_DATA / "flickr8k" / "images" / entry["filename"], folder / "images" / entry["filename"])
+    (folder / "dataset_subset.json").write_text(json.dumps({"dataset": "flickr8k", "images": kept}))
+    return folder
+
+
 def accelerate_launch(num_processes: int = 1, mixed_precision: str = "no") -> list[str]:
     """The `accelerate launch` prefix (the script or `-m module` and its arguments follow) for `num_processes` CPU
     processes, gloo with `--multi_gpu` from two on; every setting a user's accelerate config file would supply is given,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_launch
+from conftest import accelerate_launch, karpathy_subset
 from safetensors import safe_open
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
@@ -36,21 +36,6 @@ pytestmark = [
         __import__("importlib").util.find_spec("onnxruntime") is None, reason="onnxruntime (dclip[yolo]) is absent"
     ),
 ]
-
-
-def karpathy_subset(folder: Path, counts: dict[str, int]) -> Path:
-    """The first photos of each Flickr8k split, copied with their captions into a Karpathy-format folder."""
-    source = json.loads((FLICKR / "dataset_flickr8k.json").read_text())
-    kept = []
-    for entry in source["images"]:
-        if counts.get(entry["split"], 0) > 0:
-            counts[entry["split"]] -= 1
-            kept.append(entry)
-    (folder / "images").mkdir(parents=True)
-    for entry in kept:
-        shutil.copy(FLICKR / "images" / entry["filename"], folder / "images" / entry["filename"])
-    (folder / "dataset_subset.json").write_text(json.dumps({"dataset": "flickr8k", "images": kept}))
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -88,6 +88,10 @@ also for plain fine-tuning when `plain` is set (its control). `regions-none` is 
 `regions-grid` the whole image and its 2x2 cells (5 regions; YOLO gives 3.8 on average, at most 10); `epochs-N` and
 `width-N` are the teacher's epochs and fusion width (heads and FFN scaled with it)."""
 
+REFERENCE: dict[str, Any] = {"teacher": {}, "plain": True}
+"""The ablations' reference row, `protocol`: the protocol's own teacher (re-ranking), DCLIP student and plain
+fine-tuning at the same seed, unchanged."""
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -387,19 +391,19 @@ def run_ablation(bench: Benchmark, name: str, learning_rates: dict[str, float]) 
     """One ablation (`ABLATIONS[name]`; `"protocol"`: no change, the protocol's own models) at the first seed: its
     teacher re-ranking val and test, its DCLIP student, and plain fine-tuning under the same change when it is a
     change of the fine-tuning budget; students' val R@1 at their best epoch, test and CIFAR-10 as in the protocol."""
-    change = ABLATIONS.get(name, {})
+    change = {"protocol": REFERENCE, **ABLATIONS}[name]
     seed = bench.args.seeds[0]
-    suffix = "" if name == "protocol" else f"-{name}"
-    teacher_folder = f"teacher{suffix}" if "teacher" in change else "teacher"
+    suffix = "" if change is REFERENCE else f"-{name}"  # the reference's models are the protocol's own
+    teacher_folder = f"teacher{suffix}" if change.get("teacher") else "teacher"
     models: dict[str, dict[str, float]] = {}
-    if "teacher" in change or name == "protocol":
+    if "teacher" in change:
         bench.teacher(teacher_folder, **change.get("teacher", {}))
         models["teacher"] = bench.evaluate(teacher_folder, teacher_folder)
     extra = dict(change.get("finetune", {}))
     if "loss_weights" in change:
         extra["loss_weights"] = change["loss_weights"]
     students = {"DCLIP student": ("dclip", "dclip")}
-    if change.get("plain") or name == "protocol":
+    if change.get("plain"):
         students["plain fine-tuning"] = ("plain", "contrastive")
     for label, (prefix, recipe) in students.items():
         rate = learning_rates[label]

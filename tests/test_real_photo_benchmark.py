@@ -1,0 +1,96 @@
+"""The real-photo benchmark's own command (`benchmarks/real_photos/run_benchmark.py`) end to end on a few real
+Flickr8k photos with the shared YOLO detector and a tiny budget: two seeds, one learning rate, protocol `disjoint`
+and one ablation; the results' schema, and a rerun of the same command that reuses every stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import REPO, SHARED, SHARED_DATA, karpathy_subset
+
+SCRIPT = REPO / "benchmarks" / "real_photos" / "run_benchmark.py"
+DETECTOR = SHARED / "models" / "yolov8n-coco-int8" / "yolov8n_int8.onnx"
+CIFAR = SHARED_DATA / "cifar10-test"
+
+pytestmark = [
+    pytest.mark.skipif(
+        not (SHARED_DATA / "flickr8k" / "dataset_flickr8k.json").is_file() or not DETECTOR.is_file(),
+        reason=f"the shared photos or detector is absent under {SHARED}",
+    ),
+    pytest.mark.skipif(
+        __import__("importlib").util.find_spec("onnxruntime") is None, reason="onnxruntime (dclip[yolo]) is absent"
+    ),
+]
+BUDGET = {
+    "align": {"num_train_epochs": 1, "batch_size": 8, "warmup_steps": 0},
+    "teacher": {
+        "num_train_epochs": 1,
+        "batch_size": 4,
+        "warmup_steps": 0,
+        "fusion_dim": 32,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    },
+    "finetune": {"num_train_epochs": 1, "batch_size": 4, "warmup_steps": 0},
+}
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_two_seeds_and_an_ablation_and_a_rerun_reuses_everything(tmp_path):
+    data = karpathy_subset(tmp_path / "photos", {"train": 16, "val": 8, "test": 8})
+    budget = tmp_path / "budget.yaml"
+    budget.write_text(yaml.safe_dump(BUDGET))
+    results = tmp_path / "results"
+    command = [
+        *(sys.executable, str(SCRIPT), "--data", str(data), "--cifar", str(CIFAR), "--cifar-limit", "2"),
+        *("--detector", str(DETECTOR), "--seeds", "0", "1", "--protocols", "disjoint", "--pretrain-photos", "8"),
+        *("--image-size", "64", "--learning-rates", "3e-4", "--budget", str(budget), "--ablations", "regions-none"),
+        *("--output-dir", str(tmp_path / "out"), "--results-dir", str(results)),
+    ]
+    env = {**os.environ, "YOLO_OFFLINE": "1", "DCLIP_FEATURE_STORE": str(tmp_path / "store")}
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    found = json.loads((results / "results.json").read_text())
+    disjoint = found["protocols"]["disjoint"]
+    assert disjoint["splits"] == {"pretrain": 8, "finetune": 8, "val": 8, "test": 8}
+    assert disjoint["cifar_images"] == 20
+    assert disjoint["learning_rates"]["DCLIP student"] == pytest.approx(3e-4)
+    models = disjoint["models"]
+    for label in ("plain fine-tuning", "DCLIP student", "ConaCLIP student", "Knowledge-CLIP student"):
+        assert models[label]["text_to_image_R@1"]["n"] == 2, label
+        assert 0 <= models[label]["text_to_image_R@1"]["mean"] <= 1
+        assert models[label]["text_to_image_R@1"]["std"] >= 0
+        assert set(disjoint["zeroshot_retention"][label]) == {"mean", "std", "n"}
+    assert models["base"]["cifar10_top1"]["n"] == 1 and "cifar10_top1" not in models["teacher"]
+    assert {"DCLIP student WiSE-FT 0.5", "teacher"} <= set(models)
+    # The ablation beside its reference (the protocol's own models at the first seed, unchanged).
+    ablations = disjoint["ablations"]
+    assert list(ablations) == ["protocol", "regions-none"]
+    assert ablations["protocol"]["change"] == {"teacher": {}, "plain": True}
+    assert set(ablations["protocol"]["models"]) == {"teacher", "DCLIP student", "plain fine-tuning"}
+    assert ablations["protocol"]["models"]["DCLIP student"]["text_to_image_R@1"] == pytest.approx(
+        json.loads(
+            (
+                tmp_path / "out" / "disjoint" / "work" / "evaluation" / "dclip-lr0.0003-seed0" / "metrics.json"
+            ).read_text()
+        )["text_to_image_R@1"]
+    )
+    assert set(ablations["regions-none"]["models"]) == {"teacher", "DCLIP student"}
+    regions = json.loads((tmp_path / "out" / "disjoint" / "teacher-regions-none" / "stage.json").read_text())
+    assert regions["inputs"]["config"]["regions"] == {"type": "grid", "scales": [2], "max_regions": 1}
+    assert "### Ablations (seed 0" in (results / "results.md").read_text()
+    assert (results / "retention_vs_recall.png").stat().st_size > 0
+
+    # The same command again: every stage is reused, and the results are the same.
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    log = second.stdout + second.stderr
+    assert ": running" not in log and "reusing the finished result" in log
+    again = json.loads((results / "results.json").read_text())["protocols"]["disjoint"]
+    assert again["models"] == models and again["ablations"] == ablations
