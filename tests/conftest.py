@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 import modeling_dclip
+from modeling_dclip import EMBEDDED_TEXT, EMBEDDED_VISION, DCLIPConfig, DCLIPModel, DCLIPProcessor
+from modeling_dclip.towers import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -98,6 +100,33 @@ def tiny_run(tmp_path_factory) -> Path:
     return output
 
 
+TINY_TOWER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+TINY_TEXT = dict(vocab_size=30522, max_position_embeddings=64, bos_token_id=101, eos_token_id=102, pad_token_id=0)
+"""The embedded text tower's (BERT) vocabulary and special tokens: a tiny text tower read by its tokenizer."""
+
+
+def tiny_image_processor() -> CLIPImageProcessor:
+    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+
+
+def tiny_student(
+    layers: int = 1, projection_dim: int = 16, text_pooling: str | None = "mean", max_position_embeddings: int = 64
+) -> tuple[DCLIPModel, DCLIPProcessor]:
+    """A DCLIP student of two random `layers`-layer towers (32-px images, the embedded tokenizer's vocabulary), built
+    after `torch.manual_seed(0)`, and its processor."""
+    tower = {**TINY_TOWER, "num_hidden_layers": layers}
+    text = CLIPTextConfig(**tower, **{**TINY_TEXT, "max_position_embeddings": max_position_embeddings})
+    config = DCLIPConfig(
+        vision_config=CLIPVisionConfig(**tower, image_size=32, patch_size=8).to_dict(),
+        text_config=text.to_dict(),
+        projection_dim=projection_dim,
+        text_pooling=text_pooling,
+    )
+    torch.manual_seed(0)
+    student = DCLIPModel(config).eval()
+    return student, DCLIPProcessor(image_processor=tiny_image_processor(), tokenizer=load_tokenizer(EMBEDDED_TEXT))
+
+
 def tiny_clip_config(projection_dim: int = 16) -> CLIPConfig:
     """A CLIP small enough to build and run in milliseconds."""
     return CLIPConfig(
@@ -132,8 +161,6 @@ def tiny_clip() -> CLIPModel:
 
 @pytest.fixture(scope="session")
 def embedded_student():
-    from modeling_dclip import EMBEDDED_TEXT, EMBEDDED_VISION, DCLIPModel
-
     torch.manual_seed(0)
     return DCLIPModel.from_vision_text_pretrained(EMBEDDED_VISION, EMBEDDED_TEXT, projection_dim=64).eval()
 

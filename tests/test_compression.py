@@ -8,12 +8,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED
 from PIL import Image
 from transformers import AutoTokenizer
 
@@ -114,7 +114,7 @@ def test_reduced_vocabulary_tokenizes_the_corpus_as_before_and_falls_back_to_pie
 def test_reduce_vocabulary_rejects_a_non_wordpiece_tokenizer(embedded_student):
     from transformers import CLIPTokenizer
 
-    folder = Path(__file__).resolve().parents[2] / "shared" / "clip-tokenizer"
+    folder = SHARED / "clip-tokenizer"
     if not folder.is_dir():
         pytest.skip(f"{folder} is absent (the shared CLIP tokenizer)")
     clip = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "spaces_demo" / "app.py"  # the Space's entry point, which runs modeling_dclip.demo.app
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = [

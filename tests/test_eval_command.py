@@ -13,19 +13,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_TEXT, TINY_TOWER, tiny_image_processor, tiny_student
 from PIL import Image
 from transformers import (
     BertConfig,
     BertModel,
     CLIPConfig,
-    CLIPImageProcessor,
     CLIPModel,
     CLIPProcessor,
-    CLIPTextConfig,
-    CLIPVisionConfig,
 )
 
-from modeling_dclip import EMBEDDED_TEXT, DCLIPConfig, DCLIPModel, DCLIPProcessor, DCLIPTeacherModel
+from modeling_dclip import DCLIPModel, DCLIPProcessor, DCLIPTeacherModel
 from modeling_dclip.cli import main
 from modeling_dclip.data import load_dataset_spec
 from modeling_dclip.evaluation import (
@@ -36,43 +34,30 @@ from modeling_dclip.evaluation import (
     retrieval_metrics,
     zeroshot_classification,
 )
-from modeling_dclip.towers import load_tokenizer
 
 SCENES = "synthetic:?n=6&seed=1"
 RETRIEVAL_KEYS = {f"{direction}_R@{k}" for direction in ("text_to_image", "image_to_text") for k in RECALL_AT_K} | {
     f"{direction}_{measure}" for direction in ("text_to_image", "image_to_text") for measure in ("mAP", "MRR")
 }
-TINY_TOWER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-TINY_TEXT = dict(
-    **TINY_TOWER, vocab_size=30522, max_position_embeddings=64, bos_token_id=101, eos_token_id=102, pad_token_id=0
-)
-
-
-def tiny_image_processor() -> CLIPImageProcessor:
-    return CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> dict[str, Path]:
     """A tiny student, a teacher over it (gates opened so the fusion counts), a plain CLIPModel and a BertModel."""
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    tokenizer = load_tokenizer(EMBEDDED_TEXT)
-    vision = CLIPVisionConfig(**TINY_TOWER, image_size=32, patch_size=8)
-    student = DCLIPModel(
-        DCLIPConfig(
-            vision_config=vision.to_dict(),
-            text_config=CLIPTextConfig(**TINY_TEXT).to_dict(),
-            projection_dim=16,
-            text_pooling="mean",
-        )
-    )
-    processor = DCLIPProcessor(image_processor=tiny_image_processor(), tokenizer=tokenizer)
+    student, processor = tiny_student()
+    tokenizer = processor.tokenizer
     teacher = DCLIPTeacherModel.from_backbone(student, fusion_dim=16, num_attention_heads=2, intermediate_size=32)
     with torch.no_grad():
         teacher.image_gate.fill_(0.7)
         teacher.text_gate.fill_(0.7)
-    clip = CLIPModel(CLIPConfig(vision_config=vision.to_dict(), text_config=TINY_TEXT, projection_dim=16))
+    clip = CLIPModel(
+        CLIPConfig(
+            vision_config=student.config.vision_config.to_dict(),
+            text_config={**TINY_TOWER, **TINY_TEXT},
+            projection_dim=16,
+        )
+    )
     paths = {name: root / name for name in ("student", "teacher", "clip", "bert")}
     for name, model, model_processor in (
         ("student", student, processor),

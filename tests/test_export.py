@@ -7,34 +7,16 @@ import json
 
 import pytest
 import torch
-from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
+from conftest import tiny_student
 
-from modeling_dclip import EMBEDDED_TEXT, DCLIPConfig, DCLIPModel, DCLIPProcessor
 from modeling_dclip.cli import main
 from modeling_dclip.onnx_export import IMAGE_FILE, INFO_FILE, TEXT_FILE, OnnxEncoders, onnx_parity
-from modeling_dclip.towers import load_tokenizer
-
-TINY_TOWER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
-    torch.manual_seed(0)
-    student = DCLIPModel(
-        DCLIPConfig(
-            vision_config=CLIPVisionConfig(**TINY_TOWER, image_size=32, patch_size=8).to_dict(),
-            text_config=CLIPTextConfig(
-                **TINY_TOWER, vocab_size=30522, max_position_embeddings=64, bos_token_id=101, eos_token_id=102
-            ).to_dict(),
-            projection_dim=16,
-            text_pooling="mean",
-        )
-    ).eval()
-    processor = DCLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=load_tokenizer(EMBEDDED_TEXT),
-    )
+    student, processor = tiny_student(layers=2)
     student.save_pretrained(root / "student")
     processor.save_pretrained(root / "student")
     assert main(["export", "--model", str(root / "student"), "--format", "onnx", "--output", str(root / "onnx")]) == 0

@@ -11,6 +11,7 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+from conftest import SHARED_DATA
 from PIL import Image
 
 from modeling_dclip.data.formats import (
@@ -24,7 +25,6 @@ from modeling_dclip.data.formats import (
 )
 from modeling_dclip.data.spec import DatasetSpec, load_dataset_spec
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FLICKR8K_1K = SHARED_DATA / "flickr8k-1k"
 CIFAR10_TEST = SHARED_DATA / "cifar10-test"
 CANONICAL_COLUMNS = ["image", "captions", "image_id", "split"]

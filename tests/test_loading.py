@@ -10,28 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
+from conftest import TINY_TOWER, tiny_student
+from transformers import BertConfig, BertModel
 
-from modeling_dclip import EMBEDDED_TEXT, DCLIPConfig, DCLIPModel, DCLIPProcessor, DCLIPTeacherModel
+from modeling_dclip import DCLIPModel, DCLIPProcessor, DCLIPTeacherModel
 from modeling_dclip.loading import ModelLoadError, load_dual_encoder, load_model_and_processor
-from modeling_dclip.towers import load_tokenizer
-
-TOWER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
 
 
 @pytest.fixture(scope="module")
 def student_folder(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    text = CLIPTextConfig(**TOWER, vocab_size=30522, max_position_embeddings=24, bos_token_id=101, eos_token_id=102)
-    config = DCLIPConfig(
-        vision_config=CLIPVisionConfig(**TOWER, image_size=32, patch_size=8).to_dict(),
-        text_config=text.to_dict(),
-        projection_dim=8,
-    )
+    student, processor = tiny_student(projection_dim=8, text_pooling=None, max_position_embeddings=24)
     folder = tmp_path_factory.mktemp("models") / "student"
-    DCLIPModel(config).save_pretrained(folder)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    DCLIPProcessor(image_processor=image_processor, tokenizer=load_tokenizer(EMBEDDED_TEXT)).save_pretrained(folder)
+    student.save_pretrained(folder)
+    processor.save_pretrained(folder)
     return folder
 
 
@@ -93,7 +84,7 @@ def test_unknown_model_type_is_an_error_naming_it_without_a_prompt(copy, tmp_pat
 
 
 def test_other_architectures_load_through_auto_classes_without_remote_code(tmp_path):
-    BertModel(BertConfig(**TOWER, vocab_size=99)).save_pretrained(tmp_path / "bert")
+    BertModel(BertConfig(**TINY_TOWER, vocab_size=99)).save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match="is a BertModel, not a dual encoder"):  # loaded, then refused
         load_model_and_processor(tmp_path / "bert")
     with pytest.raises(FileNotFoundError, match="no such folder"):

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_launch, karpathy_subset
+from conftest import SHARED, accelerate_launch, karpathy_subset
 from safetensors import safe_open
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
 from modeling_dclip import DCLIPModel
 from modeling_dclip.cli import main
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 FLICKR = SHARED / "data" / "flickr8k"
 TOKENIZER = SHARED / "clip-tokenizer"
 DETECTOR = SHARED / "models" / "yolov8n-coco-int8" / "yolov8n_int8.onnx"

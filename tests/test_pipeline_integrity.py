@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import SHARED_DATA
 from safetensors import safe_open
 
 from modeling_dclip import DCLIPProcessor, DCLIPTeacherModel
@@ -27,7 +28,7 @@ from modeling_dclip.feature_store import FeatureStore
 from modeling_dclip.pipeline import StageError, StageRunner
 from modeling_dclip.training.data import CaptionTable
 
-FLICKR_1K = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k-1k"
+FLICKR_1K = SHARED_DATA / "flickr8k-1k"
 pytestmark = pytest.mark.skipif(
     not (FLICKR_1K / "dataset_flickr8k_1k.json").is_file(), reason=f"{FLICKR_1K} (shared real photos) is absent"
 )

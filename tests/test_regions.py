@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from PIL import ExifTags, Image
 
 from modeling_dclip.regions import (
@@ -24,7 +25,6 @@ from modeling_dclip.regions import (
     to_rgb,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 # The class the test detector is biased to find everywhere; any other class it never finds.
 DETECTED_CLASS = 7
 
@@ -210,7 +210,7 @@ def test_to_rgb_applies_exif_orientation(tmp_path):
 def test_module_imports_only_what_remote_code_may_require():
     from transformers.dynamic_module_utils import get_imports
 
-    third_party = set(get_imports(REPO_ROOT / "modeling_dclip" / "regions.py")) - set(sys.stdlib_module_names)
+    third_party = set(get_imports(REPO / "modeling_dclip" / "regions.py")) - set(sys.stdlib_module_names)
     assert third_party <= {"numpy", "PIL", "torch"}
 
 
@@ -320,7 +320,7 @@ def test_yolo_without_ultralytics_explains_the_extra(tmp_path):
         "except ImportError as error:\n"
         "    print(error)\n"
     )
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     completed = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=120, check=True
     )

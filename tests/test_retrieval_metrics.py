@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -17,7 +16,6 @@ from modeling_dclip.evaluation import (
     retrieval_metrics_from_embeddings,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 METRIC_KEYS = [
     "text_to_image_R@1",
     "text_to_image_R@5",
@@ -249,7 +247,7 @@ def test_evaluate_metric_module_gives_the_same_numbers(monkeypatch, tmp_path):
     generator = torch.Generator().manual_seed(11)
     caption_to_image = torch.tensor(random_captioning(30, generator))
     similarity = torch.round(torch.randn(len(caption_to_image), 30, generator=generator) * 4) / 4
-    metric = evaluate.load(str(REPO_ROOT / "metrics" / "dclip_retrieval"), cache_dir=str(tmp_path))
+    metric = evaluate.load(str(REPO / "metrics" / "dclip_retrieval"), cache_dir=str(tmp_path))
     # Fed in two batches, as an evaluation loop would.
     half = len(caption_to_image) // 2
     metric.add_batch(predictions=similarity[:half].tolist(), references=caption_to_image[:half].tolist())

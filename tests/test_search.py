@@ -19,23 +19,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, tiny_student
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
 
-from modeling_dclip import EMBEDDED_TEXT, DCLIPConfig, DCLIPModel, DCLIPProcessor, DCLIPTeacherModel
+from modeling_dclip import DCLIPModel, DCLIPProcessor, DCLIPTeacherModel
 from modeling_dclip.cli import main
 from modeling_dclip.encoding import encode_texts
 from modeling_dclip.feature_store import FeatureStore
 from modeling_dclip.search.index import SearchIndex, build_faiss_index, load_index
 from modeling_dclip.search.rerank import TeacherReranker
-from modeling_dclip.towers import load_tokenizer
 
-TINY_TOWER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-TINY_TEXT = dict(
-    **TINY_TOWER, vocab_size=30522, max_position_embeddings=64, bos_token_id=101, eos_token_id=102, pad_token_id=0
-)
-REPO = Path(__file__).resolve().parents[1]
 QUERIES = ["a red square", "two dogs on the grass", "a blue sky over the sea"]
 
 
@@ -43,19 +37,7 @@ QUERIES = ["a red square", "two dogs on the grass", "a blue sky over the sea"]
 def saved(tmp_path_factory) -> dict[str, Path]:
     """A tiny student and a teacher over it (gates opened, so that its fusion changes the scores)."""
     root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    student = DCLIPModel(
-        DCLIPConfig(
-            vision_config=CLIPVisionConfig(**TINY_TOWER, image_size=32, patch_size=8).to_dict(),
-            text_config=CLIPTextConfig(**TINY_TEXT).to_dict(),
-            projection_dim=16,
-            text_pooling="mean",
-        )
-    )
-    processor = DCLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-        tokenizer=load_tokenizer(EMBEDDED_TEXT),
-    )
+    student, processor = tiny_student()
     teacher = DCLIPTeacherModel.from_backbone(student, fusion_dim=16, num_attention_heads=2, intermediate_size=32)
     with torch.no_grad():
         teacher.image_gate.fill_(50.0)

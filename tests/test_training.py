@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import accelerate_launch
+from conftest import REPO, accelerate_launch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig, get_scheduler
 
@@ -34,7 +34,6 @@ from modeling_dclip.training.batching import PairBatches
 from modeling_dclip.training.config import TrainingConfig, load_stage_config, parse_stage_config, stage_parser
 from modeling_dclip.training.loop import PROGRESS_FILE, checkpoint_folders, make_accelerator, train
 
-REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SHARED
 from datasets import ClassLabel, Dataset, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
@@ -21,7 +20,6 @@ from modeling_dclip.evaluation import (
     zeroshot_classification,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 CLIP_TOKENIZER = SHARED / "clip-tokenizer"
 CIFAR10_TEST = SHARED / "data" / "cifar10-test"
 
