@@ -6,9 +6,9 @@ output folder holds a record (`stage.json`: the fingerprint and the inputs it wa
 later run reuses a finished stage only when its fingerprint matches, and otherwise says which inputs changed and
 recomputes it (and, through their fingerprints, every stage after it). A stage that fails is reported by name, and
 what finished before it stays on disk; rerunning the same command resumes, an unfinished training stage from its
-last checkpoint (`StageRunner`). A lock file keeps a second run out of
-the same folder. Expensive features (tower features, regions, token states, teacher targets) come from the
-feature store, keyed by content, so a recomputed stage reuses whatever of them still applies.
+last checkpoint (`StageRunner`). A lock file keeps a second run out of the same folder. Expensive features (tower
+features, regions, token states, teacher targets) come from the feature store, keyed by content, so a recomputed
+stage reuses whatever of them still applies.
 """
 
 from __future__ import annotations

@@ -287,7 +287,7 @@ def train(
                         with atomic_path(best_dir) as temporary:
                             accelerator.unwrap_model(model).model.save_pretrained(temporary)
                 accelerator.wait_for_everyone()
-            if config.save_steps and progress.step % config.save_steps == 0:
+            if config.save_steps and progress.step and progress.step % config.save_steps == 0:
                 last_checkpoint = Path(accelerator.save_state())
             if progress.step >= total_steps:
                 break
