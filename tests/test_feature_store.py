@@ -15,16 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_student
 from datasets import Dataset, Features, List, Value
 from PIL import Image
-from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
 
-from modeling_dclip import EMBEDDED_TEXT, DCLIPConfig, DCLIPModel, DCLIPProcessor, DCLIPTeacherModel
+from modeling_dclip import DCLIPProcessor, DCLIPTeacherModel
 from modeling_dclip.data.synthetic import make_synthetic_dataset
 from modeling_dclip.encoding import encode_images, tensors_to_regions
 from modeling_dclip.feature_store import DatasetBoxes, FeatureStore, images_fingerprint
 from modeling_dclip.regions import GridRegionExtractor, Regions, YoloRegionExtractor, regions_from_boxes
-from modeling_dclip.towers import load_tokenizer
 
 DETECTED_CLASS = 3
 
@@ -184,26 +183,7 @@ def test_yolo_boxes_are_stored_and_keyed_by_the_weights_bytes(scenes, yolo_weigh
 
 
 def tiny_teacher() -> tuple[DCLIPTeacherModel, DCLIPProcessor]:
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    text = CLIPTextConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        vocab_size=30522,
-        max_position_embeddings=64,
-        bos_token_id=101,
-        eos_token_id=102,
-        pad_token_id=0,
-    )
-    base = DCLIPModel(
-        DCLIPConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=8, text_pooling="mean")
-    )
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = DCLIPProcessor(image_processor=image_processor, tokenizer=load_tokenizer(EMBEDDED_TEXT))
+    base, processor = tiny_student(projection_dim=8)
     teacher = DCLIPTeacherModel.from_backbone(base, fusion_dim=8, num_attention_heads=2, intermediate_size=16)
     return teacher, processor
 

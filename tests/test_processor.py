@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_student
 from PIL import Image
 from transformers import AutoProcessor
 
@@ -183,17 +184,7 @@ def test_lazily_opened_and_undecoded_truncated_images_are_named(embedded_process
 
 
 def _tiny_clip_text_student(max_positions: int) -> DCLIPModel:
-    from transformers import CLIPTextConfig, CLIPVisionConfig
-
-    from modeling_dclip import DCLIPConfig
-
-    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    text = CLIPTextConfig(
-        **tower, vocab_size=30522, max_position_embeddings=max_positions, bos_token_id=101, eos_token_id=102
-    )
-    vision = CLIPVisionConfig(**tower, image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    return DCLIPModel(DCLIPConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=8)).eval()
+    return tiny_student(projection_dim=8, text_pooling=None, max_position_embeddings=max_positions)[0]
 
 
 def test_captions_are_cut_to_the_text_towers_positions_whatever_the_tokenizer_says(embedded_processor, tmp_path):

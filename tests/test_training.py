@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, accelerate_launch
+from conftest import REPO, accelerate_launch, tiny_student
 from safetensors.torch import load_file, save_file
-from transformers import CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig, get_scheduler
+from transformers import get_scheduler
 
-from modeling_dclip import EMBEDDED_TEXT, DCLIPConfig, DCLIPModel, DCLIPProcessor
-from modeling_dclip.towers import load_tokenizer
+from modeling_dclip import DCLIPModel
 from modeling_dclip.training import (
     AlignConfig,
     DistillConfig,
@@ -39,26 +38,7 @@ PYTHON = sys.executable
 
 def save_tiny_base(path: Path) -> Path:
     """A tiny random dual encoder (CLIP towers, mean-pooled text) with a real tokenizer, saved with its processor."""
-    torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    text = CLIPTextConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        vocab_size=30522,
-        max_position_embeddings=64,
-        bos_token_id=101,
-        eos_token_id=102,
-        pad_token_id=0,
-    )
-    model = DCLIPModel(
-        DCLIPConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), projection_dim=16, text_pooling="mean")
-    )
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = DCLIPProcessor(image_processor=image_processor, tokenizer=load_tokenizer(EMBEDDED_TEXT))
+    model, processor = tiny_student(layers=2)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
