@@ -312,6 +312,10 @@ class StageRunner:
     works for. An interrupted stage rerun for the same inputs keeps it, so that its training resumes from its last
     checkpoint (the stages train with `resume_from_checkpoint: latest`); for other inputs it is emptied first. A
     finished stage's checkpoints are deleted once its record is written.
+
+    A resumed stage's recorded `seconds` include its earlier attempts, each counted from its start to the last file
+    it wrote into the work folder (an attempt may have been killed without a chance to say when it stopped); the
+    time it spent after that is lost work, and not counted.
     """
 
     def __init__(self, work: Path, log: Callable[[str], None]):
@@ -334,7 +338,7 @@ class StageRunner:
         fingerprint = digest(inputs)
         record_file = folder / STAGE_RECORD
         work_dir, work_mark = self.work / name, self.work / name / WORK_MARK
-        resumed = False
+        resumed, seconds_before = False, 0.0
         if record_file.is_file():
             record = json.loads(record_file.read_text())
             if record.get("fingerprint") == fingerprint:
@@ -343,14 +347,15 @@ class StageRunner:
             changed = changed_fields(record.get("inputs", {}), inputs)
             self.log(f"[dclip run] {name}: inputs changed ({', '.join(changed)}); recomputing")
         elif work_mark.is_file() and json.loads(work_mark.read_text()).get("fingerprint") == fingerprint:
-            resumed = True
+            resumed, seconds_before = True, _seconds_worked(work_dir, work_mark)
             self.log(f"[dclip run] {name}: resuming its unfinished run (same inputs) from its last checkpoint")
         else:
             self.log(f"[dclip run] {name}: running")
         shutil.rmtree(folder, ignore_errors=True)
         if not resumed:
             shutil.rmtree(work_dir, ignore_errors=True)
-            write_json_atomically(work_mark, {"stage": name, "fingerprint": fingerprint})
+        mark = {"stage": name, "fingerprint": fingerprint, "started": time.time(), "seconds_before": seconds_before}
+        write_json_atomically(work_mark, mark)
         start = time.perf_counter()
         try:
             action()
@@ -358,21 +363,34 @@ class StageRunner:
             raise
         except Exception as error:
             raise StageError(f"stage '{name}' failed: {type(error).__name__}: {error}") from error
-        seconds = round(time.perf_counter() - start, 2)
+        seconds = round(seconds_before + time.perf_counter() - start, 2)
         record = {
             "stage": name,
             "fingerprint": fingerprint,
             "inputs": inputs,
             "seconds": seconds,
             "resumed": resumed,
+            "seconds_before_resuming": round(seconds_before, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         write_json_atomically(record_file, record)
         shutil.rmtree(work_dir / CHECKPOINTS, ignore_errors=True)
         self.timings[name] = seconds
         write_json_atomically(self.timings_file, self.timings)
-        self.log(f"[dclip run] {name}: done in {seconds:.1f} s" + (" (since it resumed)" if resumed else ""))
+        self.log(
+            f"[dclip run] {name}: done in {seconds:.1f} s"
+            + (f" ({seconds_before:.1f} s of them before it resumed)" if resumed else "")
+        )
         return record
+
+
+def _seconds_worked(work_dir: Path, work_mark: Path) -> float:
+    """The seconds an unfinished stage has worked so far: those its mark carries from attempts before the last, plus
+    the last attempt's, from its start (marks of earlier versions: the mark's own time) to the newest file it wrote."""
+    mark = json.loads(work_mark.read_text())
+    started = mark.get("started", work_mark.stat().st_mtime)
+    written = [p.stat().st_mtime for p in work_dir.rglob("*") if p.is_file() and p != work_mark]
+    return mark.get("seconds_before", 0.0) + max(0.0, max(written, default=started) - started)
 
 
 def load_run_data(preset: RunPreset, work: Path) -> tuple[datasets.DatasetDict, str]:

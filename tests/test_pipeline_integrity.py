@@ -24,8 +24,8 @@ from safetensors import safe_open
 from modeling_dclip import DCLIPProcessor, DCLIPTeacherModel
 from modeling_dclip.cli import main
 from modeling_dclip.data.spec import load_dataset_spec
-from modeling_dclip.feature_store import FeatureStore
-from modeling_dclip.pipeline import StageError, StageRunner
+from modeling_dclip.feature_store import FeatureStore, digest
+from modeling_dclip.pipeline import WORK_MARK, StageError, StageRunner
 from modeling_dclip.training.data import CaptionTable
 
 FLICKR_1K = SHARED_DATA / "flickr8k-1k"
@@ -161,6 +161,7 @@ def test_unfinished_work_is_resumed_only_for_the_inputs_it_was_for(tmp_path):
     out, partial = tmp_path / "stage", tmp_path / "work" / "stage" / "partial"
 
     def stop() -> None:
+        time.sleep(0.5)
         partial.write_text("an unfinished run's checkpoint")
         raise RuntimeError("stopped")
 
@@ -174,6 +175,8 @@ def test_unfinished_work_is_resumed_only_for_the_inputs_it_was_for(tmp_path):
     seen: list[bool] = []
     done = runner.run("stage", out, {"seed": 0}, lambda: (seen.append(partial.is_file()), finish()))
     assert seen == [True] and done["resumed"] is True
+    # Its time includes the attempt before, up to the last file that attempt wrote.
+    assert 0.5 <= done["seconds_before_resuming"] < 5 and done["seconds"] >= done["seconds_before_resuming"]
     assert "stage: resuming its unfinished run (same inputs)" in messages[-2]
     assert not (tmp_path / "work" / "stage" / "checkpoints").exists()
     # Other inputs after a finished run, and after an unfinished one: the work folder is emptied first.
@@ -183,6 +186,23 @@ def test_unfinished_work_is_resumed_only_for_the_inputs_it_was_for(tmp_path):
     runner.run("stage", out, {"seed": 2}, lambda: (seen.append(partial.is_file()), finish()))
     assert seen == [True, False] and "stage: running" in messages[-2]
     assert record(out)["resumed"] is False and record(out)["inputs"] == {"seed": 2}
+    assert record(out)["seconds_before_resuming"] == 0
+
+
+def test_a_killed_attempts_time_counts_up_to_the_last_file_it_wrote(tmp_path):
+    """A process killed outright (SIGKILL, a session's end) writes nothing on its way out: its time is read from its
+    work folder. The mark is an earlier version's (no start time), so the mark's own time is the start."""
+    work = tmp_path / "work" / "stage"
+    (work / "checkpoints").mkdir(parents=True)
+    mark, checkpoint = work / WORK_MARK, work / "checkpoints" / "checkpoint_0"
+    mark.write_text(json.dumps({"stage": "stage", "fingerprint": digest({"seed": 0})}))
+    checkpoint.write_text("weights")
+    now = time.time()
+    os.utime(mark, (now - 100, now - 100))
+    os.utime(checkpoint, (now - 40, now - 40))
+    done = StageRunner(tmp_path / "work", print).run("stage", tmp_path / "stage", {"seed": 0}, lambda: None)
+    assert done["resumed"] is True and done["seconds_before_resuming"] == pytest.approx(60, abs=0.1)
+    assert json.loads(mark.read_text())["seconds_before"] == pytest.approx(60, abs=0.1)
 
 
 @pytest.mark.slow
