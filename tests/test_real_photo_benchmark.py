@@ -1,6 +1,7 @@
 """The real-photo benchmark's own command (`benchmarks/real_photos/run_benchmark.py`) end to end on a few real
 Flickr8k photos with the shared YOLO detector and a tiny budget: two seeds, one learning rate, protocol `disjoint`
-and one ablation; the results' schema, and a rerun of the same command that reuses every stage."""
+and one ablation; the results' schema, a rerun of the same command that reuses every stage, and one seed re-run from
+scratch elsewhere (what the README's single-seed rerun does) that reproduces that seed's figures."""
 
 from __future__ import annotations
 
@@ -94,3 +95,25 @@ def test_the_benchmark_runs_two_seeds_and_an_ablation_and_a_rerun_reuses_everyth
     assert ": running" not in log and "reusing the finished result" in log
     again = json.loads((results / "results.json").read_text())["protocols"]["disjoint"]
     assert again["models"] == models and again["ablations"] == ablations
+
+    # One seed re-run from scratch in another output folder (base and teacher retrained too): the same figures.
+    rerun = [*command[: command.index("--seeds")], "--seeds", "1", *command[command.index("--protocols") :]]
+    rerun[rerun.index("--ablations") : rerun.index("--ablations") + 2] = []
+    rerun[rerun.index("--output-dir") + 1], rerun[rerun.index("--results-dir") + 1] = (
+        str(tmp_path / "rerun"),
+        str(tmp_path / "rerun-results"),
+    )
+    third = subprocess.run(rerun, env=env, capture_output=True, text=True, timeout=900)
+    assert third.returncode == 0, third.stderr[-3000:]
+    log = third.stdout + third.stderr
+    assert "[dclip run] base: running" in log and "[dclip run] teacher: running" in log
+    for name in ("plain", "dclip", "conaclip", "knowledge"):
+        seed1 = f"{name}-lr0.0003-seed1"
+        before, after = (
+            json.loads((out / "disjoint" / "work" / "evaluation" / seed1 / "metrics.json").read_text())
+            for out in (tmp_path / "out", tmp_path / "rerun")
+        )
+        figures = [key for key, value in before.items() if isinstance(value, float)]
+        assert len(figures) > 10 and {key: after[key] for key in figures} == pytest.approx(
+            {key: before[key] for key in figures}, abs=1e-6
+        ), seed1
