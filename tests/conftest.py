@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import site
 import subprocess
 import sys
@@ -34,6 +35,14 @@ def _installed_package_file() -> Path | None:
                 return None
             return Path(distribution.locate_file("modeling_dclip/__init__.py")).resolve()
     return None
+
+
+def pytest_configure(config) -> None:
+    """Several tests interrupt a subprocess with SIGINT (Ctrl-C) and check that it stops cleanly. A shell without job
+    control starts background commands with SIGINT ignored, and an ignored signal stays ignored through exec, so
+    their subprocesses would never see it: give this process a handler (exec resets a handled signal to the default)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_report_header(config) -> str:
