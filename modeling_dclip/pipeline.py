@@ -338,6 +338,7 @@ class StageRunner:
         fingerprint = digest(inputs)
         record_file = folder / STAGE_RECORD
         work_dir, work_mark = self.work / name, self.work / name / WORK_MARK
+        mark = json.loads(work_mark.read_text()) if work_mark.is_file() else {}
         resumed, seconds_before = False, 0.0
         if record_file.is_file():
             record = json.loads(record_file.read_text())
@@ -346,8 +347,8 @@ class StageRunner:
                 return record
             changed = changed_fields(record.get("inputs", {}), inputs)
             self.log(f"[dclip run] {name}: inputs changed ({', '.join(changed)}); recomputing")
-        elif work_mark.is_file() and json.loads(work_mark.read_text()).get("fingerprint") == fingerprint:
-            resumed, seconds_before = True, _seconds_worked(work_dir, work_mark)
+        elif mark.get("fingerprint") == fingerprint:
+            resumed, seconds_before = True, _seconds_worked(work_dir, work_mark, mark)
             self.log(f"[dclip run] {name}: resuming its unfinished run (same inputs) from its last checkpoint")
         else:
             self.log(f"[dclip run] {name}: running")
@@ -384,10 +385,9 @@ class StageRunner:
         return record
 
 
-def _seconds_worked(work_dir: Path, work_mark: Path) -> float:
-    """The seconds an unfinished stage has worked so far: those its mark carries from attempts before the last, plus
+def _seconds_worked(work_dir: Path, work_mark: Path, mark: dict[str, Any]) -> float:
+    """The seconds an unfinished stage has worked so far: those its `mark` carries from attempts before the last, plus
     the last attempt's, from its start (marks of earlier versions: the mark's own time) to the newest file it wrote."""
-    mark = json.loads(work_mark.read_text())
     started = mark.get("started", work_mark.stat().st_mtime)
     written = [p.stat().st_mtime for p in work_dir.rglob("*") if p.is_file() and p != work_mark]
     return mark.get("seconds_before", 0.0) + max(0.0, max(written, default=started) - started)

@@ -47,12 +47,17 @@ def test_the_benchmark_runs_two_seeds_and_an_ablation_and_a_rerun_reuses_everyth
     budget = tmp_path / "budget.yaml"
     budget.write_text(yaml.safe_dump(BUDGET))
     results = tmp_path / "results"
-    command = [
-        *(sys.executable, str(SCRIPT), "--data", str(data), "--cifar", str(CIFAR), "--cifar-limit", "2"),
-        *("--detector", str(DETECTOR), "--seeds", "0", "1", "--protocols", "disjoint", "--pretrain-photos", "8"),
-        *("--image-size", "64", "--learning-rates", "3e-4", "--budget", str(budget), "--ablations", "regions-none"),
-        *("--output-dir", str(tmp_path / "out"), "--results-dir", str(results)),
-    ]
+
+    def benchmark(seeds: list[str], ablations: list[str], output: str, results_dir: str) -> list[str]:
+        return [
+            *(sys.executable, str(SCRIPT), "--data", str(data), "--cifar", str(CIFAR), "--cifar-limit", "2"),
+            *("--detector", str(DETECTOR), "--seeds", *seeds, "--protocols", "disjoint", "--pretrain-photos", "8"),
+            *("--image-size", "64", "--learning-rates", "3e-4", "--budget", str(budget)),
+            *(["--ablations", *ablations] if ablations else []),
+            *("--output-dir", str(tmp_path / output), "--results-dir", str(tmp_path / results_dir)),
+        ]
+
+    command = benchmark(["0", "1"], ["regions-none"], "out", "results")
     env = {**os.environ, "YOLO_OFFLINE": "1", "DCLIP_FEATURE_STORE": str(tmp_path / "store")}
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -97,12 +102,7 @@ def test_the_benchmark_runs_two_seeds_and_an_ablation_and_a_rerun_reuses_everyth
     assert again["models"] == models and again["ablations"] == ablations
 
     # One seed re-run from scratch in another output folder (base and teacher retrained too): the same figures.
-    rerun = [*command[: command.index("--seeds")], "--seeds", "1", *command[command.index("--protocols") :]]
-    rerun[rerun.index("--ablations") : rerun.index("--ablations") + 2] = []
-    rerun[rerun.index("--output-dir") + 1], rerun[rerun.index("--results-dir") + 1] = (
-        str(tmp_path / "rerun"),
-        str(tmp_path / "rerun-results"),
-    )
+    rerun = benchmark(["1"], [], "rerun", "rerun-results")
     third = subprocess.run(rerun, env=env, capture_output=True, text=True, timeout=900)
     assert third.returncode == 0, third.stderr[-3000:]
     log = third.stdout + third.stderr
