@@ -46,6 +46,23 @@ def _copy_dual_encoder_weights(source: nn.Module, target: nn.Module) -> None:
         target.logit_scale.copy_(source.logit_scale)
 
 
+# Pair p = t * num_images + i reads text t and image i. Broadcasting (not indexing with repeated indices) builds the
+# pairs: the backward of a repeated index accumulates with atomic adds on a multi-threaded CPU, in an order that
+# varies from run to run, and made the teacher's training irreproducible; the backward of `expand` is a plain sum.
+def _tile(values: torch.Tensor, times: int) -> torch.Tensor:
+    """`(N, ...)` → `(times * N, ...)`: the whole of `values`, `times` times over."""
+    return values.unsqueeze(0).expand(times, *values.shape).reshape(times * values.shape[0], *values.shape[1:])
+
+
+def _repeat_each(values: torch.Tensor, times: int) -> torch.Tensor:
+    """`(N, ...)` → `(N * times, ...)`: each row of `values` `times` times in a row."""
+    return (
+        values.unsqueeze(1)
+        .expand(values.shape[0], times, *values.shape[1:])
+        .reshape(values.shape[0] * times, *values.shape[1:])
+    )
+
+
 def _masked_mean(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `states [B, N, D]` over positions where `mask [B, N]` is nonzero."""
     weights = mask.to(states.dtype).unsqueeze(-1)
@@ -731,16 +748,15 @@ class DCLIPTeacherModel(DCLIPTeacherPreTrainedModel):
             text_index = order[start : start + texts_per_step]
             length = max(1, int(lengths[text_index].max()))
             text = self.text_token_projection(text_states[text_index, :length])
-            t = torch.arange(len(text_index), device=text.device).repeat_interleave(num_images)
-            i = torch.arange(num_images, device=regions.device).repeat(len(text_index))
+            count = len(text_index)
             image, text, _ = self._fuse_projected(
-                regions[i],
-                region_scores[i],
-                region_mask[i],
-                image_embeds[i],
-                text[t],
-                attention_mask[text_index, :length][t],
-                text_embeds[text_index][t],
+                _tile(regions, count),
+                _tile(region_scores, count),
+                _tile(region_mask, count),
+                _tile(image_embeds, count),
+                _repeat_each(text, num_images),
+                _repeat_each(attention_mask[text_index, :length], num_images),
+                _repeat_each(text_embeds[text_index], num_images),
             )
             rows.append((image * text).sum(-1).view(len(text_index), num_images))
         return torch.cat(rows)[order.argsort()]

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 import modeling_dclip
-from modeling_dclip import EMBEDDED_TEXT, EMBEDDED_VISION, DCLIPConfig, DCLIPModel, DCLIPProcessor
+from modeling_dclip import EMBEDDED_TEXT, EMBEDDED_VISION, DCLIPConfig, DCLIPModel, DCLIPProcessor, DCLIPTeacherModel
 from modeling_dclip.towers import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,6 +135,30 @@ def tiny_student(
     torch.manual_seed(0)
     student = DCLIPModel(config).eval()
     return student, DCLIPProcessor(image_processor=tiny_image_processor(), tokenizer=load_tokenizer(EMBEDDED_TEXT))
+
+
+def teacher_features(
+    teacher: DCLIPTeacherModel, images: int, texts: int, regions: int = 3, tokens: int = 5
+) -> dict[str, torch.Tensor]:
+    """Random cached-feature inputs of the teacher's `fuse` / `score_pairs` (`images` images, `texts` captions;
+    every second image's last region and every third caption's last two tokens are padding), from a fixed seed."""
+    generator = torch.Generator().manual_seed(0)
+    embed_dim, hidden = teacher.config.base_config.projection_dim, teacher.base.text_embed_dim
+    region_mask = torch.ones(images, regions, dtype=torch.long)
+    region_mask[::2, -1] = 0
+    attention_mask = torch.ones(texts, tokens, dtype=torch.long)
+    attention_mask[1::3, -2:] = 0
+    corners = torch.rand(images, regions, 2, generator=generator) * 0.5
+    return {
+        "region_embeds": F.normalize(torch.randn(images, regions, embed_dim, generator=generator), dim=-1),
+        "region_boxes": torch.cat([corners, corners + 0.5], dim=-1),
+        "region_scores": torch.rand(images, regions, generator=generator),
+        "region_mask": region_mask,
+        "image_embeds": F.normalize(torch.randn(images, embed_dim, generator=generator), dim=-1),
+        "text_states": torch.randn(texts, tokens, hidden, generator=generator),
+        "attention_mask": attention_mask,
+        "text_embeds": F.normalize(torch.randn(texts, embed_dim, generator=generator), dim=-1),
+    }
 
 
 def tiny_clip_config(projection_dim: int = 16) -> CLIPConfig:

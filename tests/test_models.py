@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import teacher_features
 from transformers import CLIPModel
 
 from modeling_dclip import DCLIPModel, DCLIPTeacherModel
@@ -193,6 +194,67 @@ def test_teacher_accepts_cached_features_and_scores_pairs(teacher_and_inputs):
     assert text_to_region.shape == (3, inputs["input_ids"].shape[1], regions)
     assert region_to_text.shape == (3, regions, inputs["input_ids"].shape[1])
     torch.testing.assert_close(text_to_region.sum(-1), torch.ones_like(text_to_region.sum(-1)))
+
+
+def test_score_pairs_is_every_pair_fused(teacher_and_inputs):
+    teacher, _ = teacher_and_inputs
+    with torch.no_grad():
+        teacher.image_gate.fill_(0.7)
+        teacher.text_gate.fill_(0.7)
+        features = teacher_features(teacher, images=5, texts=4, regions=6, tokens=12)
+        scores = teacher.score_pairs(**features, max_pairs_per_step=10)
+        image_keys = ("region_embeds", "region_boxes", "region_scores", "region_mask", "image_embeds")
+        for t in range(4):
+            for i in range(5):
+                pair = {key: value[[i] if key in image_keys else [t]] for key, value in features.items()}
+                image, text, _ = teacher.fuse(**pair)
+                torch.testing.assert_close(scores[t, i], (image * text).sum(), atol=1e-5, rtol=0)
+
+
+def _repeated_index_backwards(output: torch.Tensor) -> list[str]:
+    """The nodes of `output`'s backward graph that index with a repeated index (their backward accumulates)."""
+    found, stack, seen = [], [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "IndexBackward0":
+            indices = [index for index in node._saved_indices if index is not None]
+            if any(index.unique().numel() < index.numel() for index in indices):
+                found.append(f"{type(node).__name__} over {[tuple(index.shape) for index in indices]}")
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def test_pairwise_training_gradients_are_reproducible(teacher_and_inputs):
+    """The pairwise objective's gradients are bitwise the same every time on a multi-threaded CPU.
+
+    Building the pairs by indexing with repeated indices made them vary from run to run, and the teacher's training
+    with them: the backward of such an index adds into each image's gradient from several threads at once (atomic
+    adds, in whatever order the threads happen to run). Whether a given step races depends on timing, so the check
+    is twofold: the graph holds no such backward, and repeated steps give equal gradients.
+    """
+    teacher, _ = teacher_and_inputs
+    teacher.train()
+    features = teacher_features(teacher, images=24, texts=24, regions=6, tokens=12)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gradients = []
+        for _ in range(5):
+            teacher.zero_grad()
+            torch.manual_seed(0)  # the same dropout masks each time
+            scores = teacher.score_pairs(**features, max_pairs_per_step=24 * 24)
+            assert not _repeated_index_backwards(scores)
+            F.cross_entropy(scores / 0.05, torch.arange(24)).backward()
+            gradients.append({name: p.grad.clone() for name, p in teacher.named_parameters() if p.grad is not None})
+    finally:
+        torch.set_num_threads(threads)
+    assert "region_projection.weight" in gradients[0] and "text_token_projection.weight" in gradients[0]
+    for other in gradients[1:]:
+        for name, gradient in gradients[0].items():
+            assert torch.equal(gradient, other[name]), f"{name}: gradient differs between identical steps"
 
 
 def test_from_vision_text_pretrained_with_local_towers(tiny_clip, tmp_path):

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import teacher_features
 from huggingface_hub import ModelCard
 
 from modeling_dclip import DCLIPModel, DCLIPProcessor, DCLIPTeacherModel
@@ -77,29 +78,6 @@ def test_failing_stage_is_named_and_finished_stages_are_kept(tmp_path, capsys):
     assert is_complete(out / "base") and not is_complete(out / "teacher")
 
 
-def _teacher_batch(
-    teacher: DCLIPTeacherModel, batch: int, regions: int = 3, tokens: int = 5
-) -> dict[str, torch.Tensor]:
-    """Cached-feature inputs of `fuse` for `batch` pairs, with padded regions and tokens."""
-    generator = torch.Generator().manual_seed(0)
-    embed_dim, hidden = teacher.config.base_config.projection_dim, teacher.base.text_embed_dim
-    region_mask = torch.ones(batch, regions, dtype=torch.long)
-    region_mask[0, -1] = 0
-    attention_mask = torch.ones(batch, tokens, dtype=torch.long)
-    attention_mask[1, -2:] = 0
-    corners = torch.rand(batch, regions, 2, generator=generator) * 0.5
-    return {
-        "region_embeds": F.normalize(torch.randn(batch, regions, embed_dim, generator=generator), dim=-1),
-        "region_boxes": torch.cat([corners, corners + 0.5], dim=-1),
-        "region_scores": torch.rand(batch, regions, generator=generator),
-        "region_mask": region_mask,
-        "image_embeds": F.normalize(torch.randn(batch, embed_dim, generator=generator), dim=-1),
-        "text_states": torch.randn(batch, tokens, hidden, generator=generator),
-        "attention_mask": attention_mask,
-        "text_embeds": F.normalize(torch.randn(batch, embed_dim, generator=generator), dim=-1),
-    }
-
-
 def test_pairwise_teacher_objective_trains_the_evaluation_score(tiny_clip):
     teacher = DCLIPTeacherModel.from_backbone(
         DCLIPModel.from_clip(tiny_clip), fusion_dim=16, num_attention_heads=2, intermediate_size=32, dropout=0.0
@@ -107,7 +85,7 @@ def test_pairwise_teacher_objective_trains_the_evaluation_score(tiny_clip):
     with torch.no_grad():
         teacher.image_gate.fill_(0.5)
         teacher.text_gate.fill_(0.5)
-    batch = _teacher_batch(teacher, batch=4)
+    batch = teacher_features(teacher, images=4, texts=4)
     image_inputs = {
         k: batch[k] for k in ("region_embeds", "region_boxes", "region_scores", "region_mask", "image_embeds")
     }
