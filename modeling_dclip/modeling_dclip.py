@@ -758,7 +758,7 @@ class DCLIPTeacherModel(DCLIPTeacherPreTrainedModel):
                 _repeat_each(attention_mask[text_index, :length], num_images),
                 _repeat_each(text_embeds[text_index], num_images),
             )
-            rows.append((image * text).sum(-1).view(len(text_index), num_images))
+            rows.append((image * text).sum(-1).view(count, num_images))
         return torch.cat(rows)[order.argsort()]
 
 

@@ -1,14 +1,15 @@
 """The whole DCLIP pipeline in one call (`dclip run`): data, base, teacher, student, evaluation, results.
 
 Every stage is identified by a fingerprint of everything that determines its result: its resolved config, the
-fingerprints of its inputs (the data's content, the models it starts from, the region settings) and the seed. Its
-output folder holds a record (`stage.json`: the fingerprint and the inputs it was computed from), written last. A
-later run reuses a finished stage only when its fingerprint matches, and otherwise says which inputs changed and
-recomputes it (and, through their fingerprints, every stage after it). A stage that fails is reported by name, and
-what finished before it stays on disk; rerunning the same command resumes, an unfinished training stage from its
-last checkpoint (`StageRunner`). A lock file keeps a second run out of the same folder. Expensive features (tower
-features, regions, token states, teacher targets) come from the feature store, keyed by content, so a recomputed
-stage reuses whatever of them still applies.
+fingerprints of its inputs (the data's content, the models it starts from, the region settings), the seed, and the
+version of the code that trains it (`TrainingConfig.training_version`). Its output folder holds a record
+(`stage.json`: the fingerprint and the inputs it was computed from), written last. A later run reuses a finished
+stage only when its fingerprint matches, and otherwise says which inputs changed and recomputes it (and, through
+their fingerprints, every stage after it). A stage that fails is reported by name, and what finished before it stays
+on disk; rerunning the same command resumes, an unfinished training stage from its last checkpoint (`StageRunner`). A
+lock file keeps a second run out of the same folder. Expensive features (tower features, regions, token states,
+teacher targets) come from the feature store, keyed by content, so a recomputed stage reuses whatever of them still
+applies.
 """
 
 from __future__ import annotations
@@ -302,7 +303,9 @@ def model_source_fingerprint(name_or_path: str) -> str:
 
 
 def _config_inputs(config) -> dict[str, Any]:
-    return {key: value for key, value in config.to_dict().items() if key not in _UNRESULTFUL_FIELDS}
+    """A training stage's settings that decide its result, with the version of the code that trains it."""
+    settings = {key: value for key, value in config.to_dict().items() if key not in _UNRESULTFUL_FIELDS}
+    return {**settings, "training_version": type(config).training_version}
 
 
 class StageRunner:
@@ -332,13 +335,15 @@ class StageRunner:
         Raises:
             StageError: naming the stage and the cause.
         """
-        from .training.loop import CHECKPOINTS
+        from .training.loop import CHECKPOINTS, checkpoint_folders
 
         inputs = json.loads(json.dumps(inputs, default=str))
         fingerprint = digest(inputs)
         record_file = folder / STAGE_RECORD
         work_dir, work_mark = self.work / name, self.work / name / WORK_MARK
         mark = json.loads(work_mark.read_text()) if work_mark.is_file() else {}
+        unfinished = mark.get("fingerprint") == fingerprint
+        saved = [p for p in work_dir.rglob("*") if p.is_file() and p != work_mark] if unfinished else []
         resumed, seconds_before = False, 0.0
         if record_file.is_file():
             record = json.loads(record_file.read_text())
@@ -347,9 +352,12 @@ class StageRunner:
                 return record
             changed = changed_fields(record.get("inputs", {}), inputs)
             self.log(f"[dclip run] {name}: inputs changed ({', '.join(changed)}); recomputing")
-        elif mark.get("fingerprint") == fingerprint:
-            resumed, seconds_before = True, _seconds_worked(work_dir, work_mark, mark)
-            self.log(f"[dclip run] {name}: resuming its unfinished run (same inputs) from its last checkpoint")
+        elif saved:
+            resumed, seconds_before = True, _seconds_worked(saved, work_mark, mark)
+            where = "its last checkpoint" if checkpoint_folders(work_dir) else "the files it saved"
+            self.log(f"[dclip run] {name}: resuming its unfinished run (same inputs) from {where}")
+        elif unfinished:
+            self.log(f"[dclip run] {name}: running again (its unfinished run saved nothing to resume from)")
         else:
             self.log(f"[dclip run] {name}: running")
         shutil.rmtree(folder, ignore_errors=True)
@@ -385,12 +393,14 @@ class StageRunner:
         return record
 
 
-def _seconds_worked(work_dir: Path, work_mark: Path, mark: dict[str, Any]) -> float:
+def _seconds_worked(saved: list[Path], work_mark: Path, mark: dict[str, Any]) -> float:
     """The seconds an unfinished stage has worked so far: those its `mark` carries from attempts before the last, plus
-    the last attempt's, from its start (marks of earlier versions: the mark's own time) to the newest file it wrote."""
+    the last attempt's, from its start (marks of earlier versions: the mark's own time) to the newest file it wrote
+    (`saved`: the files in its work folder besides the mark)."""
     started = mark.get("started", work_mark.stat().st_mtime)
-    written = [p.stat().st_mtime for p in work_dir.rglob("*") if p.is_file() and p != work_mark]
-    return mark.get("seconds_before", 0.0) + max(0.0, max(written, default=started) - started)
+    return mark.get("seconds_before", 0.0) + max(
+        0.0, max((p.stat().st_mtime for p in saved), default=started) - started
+    )
 
 
 def load_run_data(preset: RunPreset, work: Path) -> tuple[datasets.DatasetDict, str]:

@@ -1,7 +1,7 @@
-"""`dclip run` reuses a finished stage only for the inputs that produced it: seed, data and config changes in one
-output folder recompute exactly what they affect and are recorded as they were; a corrupt photo fixed in place
-resumes without --overwrite; the teacher's regions decide its student's targets; a second run in the same folder is
-refused. Real runs on real photos (Flickr8k-1k from ../shared) with the tiny preset."""
+"""`dclip run` reuses a finished stage only for the inputs that produced it: seed, data, config and training-code
+version changes in one output folder recompute exactly what they affect and are recorded as they were; a corrupt
+photo fixed in place resumes without --overwrite; the teacher's regions decide its student's targets; a second run in
+the same folder is refused. Real runs on real photos (Flickr8k-1k from ../shared) with the tiny preset."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from modeling_dclip.cli import main
 from modeling_dclip.data.spec import load_dataset_spec
 from modeling_dclip.feature_store import FeatureStore, digest
 from modeling_dclip.pipeline import WORK_MARK, StageError, StageRunner
+from modeling_dclip.training import TeacherConfig
 from modeling_dclip.training.data import CaptionTable
 
 FLICKR_1K = SHARED_DATA / "flickr8k-1k"
@@ -64,7 +65,7 @@ def record(folder: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_seed_config_and_data_changes_recompute_what_they_affect(photos, tmp_path, capsys):
+def test_seed_config_and_data_changes_recompute_what_they_affect(photos, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     common = ("--data", str(photos), "--output-dir", str(out))
     code, log, err = dclip_run(capsys, *common)
@@ -134,6 +135,16 @@ def test_seed_config_and_data_changes_recompute_what_they_affect(photos, tmp_pat
     with safe_open(str(before[-1]), "pt") as entry:
         assert '"type": "grid"' in entry.metadata()["parts"]
 
+    # The teacher's training code changed (its version raised): the teacher and what depends on it are recomputed,
+    # the base is reused; the new record carries the version.
+    assert record(out / "teacher")["inputs"]["config"]["training_version"] == TeacherConfig.training_version
+    monkeypatch.setattr(TeacherConfig, "training_version", TeacherConfig.training_version + 1)
+    code, log, err = dclip_run(capsys, *common, "--seed", "1", "--config", str(config))
+    assert code == 0, err
+    assert "align_base: reusing" in log and "train_teacher: inputs changed (config.training_version)" in log
+    assert re.search(r"distill_student: inputs changed \([^)]*teacher", log), log
+    assert record(out / "teacher")["inputs"]["config"]["training_version"] == TeacherConfig.training_version
+
 
 def test_a_second_run_in_the_same_folder_is_refused(tmp_path):
     out = tmp_path / "run"
@@ -177,7 +188,7 @@ def test_unfinished_work_is_resumed_only_for_the_inputs_it_was_for(tmp_path):
     assert seen == [True] and done["resumed"] is True
     # Its time includes the attempt before, up to the last file that attempt wrote.
     assert 0.5 <= done["seconds_before_resuming"] < 5 and done["seconds"] >= done["seconds_before_resuming"]
-    assert "stage: resuming its unfinished run (same inputs)" in messages[-2]
+    assert messages[-2] == "[dclip run] stage: resuming its unfinished run (same inputs) from the files it saved"
     assert not (tmp_path / "work" / "stage" / "checkpoints").exists()
     # Other inputs after a finished run, and after an unfinished one: the work folder is emptied first.
     with pytest.raises(StageError):
@@ -187,6 +198,21 @@ def test_unfinished_work_is_resumed_only_for_the_inputs_it_was_for(tmp_path):
     assert seen == [True, False] and "stage: running" in messages[-2]
     assert record(out)["resumed"] is False and record(out)["inputs"] == {"seed": 2}
     assert record(out)["seconds_before_resuming"] == 0
+
+
+def test_an_unfinished_run_that_saved_nothing_runs_again_and_says_so(tmp_path):
+    messages: list[str] = []
+    runner = StageRunner(tmp_path / "work", messages.append)
+    out = tmp_path / "stage"
+
+    def fail() -> None:
+        raise RuntimeError("stopped before saving anything")
+
+    with pytest.raises(StageError):
+        runner.run("stage", out, {"seed": 0}, fail)
+    runner.run("stage", out, {"seed": 0}, out.mkdir)
+    assert messages[-2] == "[dclip run] stage: running again (its unfinished run saved nothing to resume from)"
+    assert record(out)["resumed"] is False and record(out)["seconds_before_resuming"] == 0
 
 
 def test_a_killed_attempts_time_counts_up_to_the_last_file_it_wrote(tmp_path):
@@ -226,7 +252,8 @@ def test_an_interrupted_training_stage_resumes_from_its_last_checkpoint(photos, 
 
     code, log, err = dclip_run(capsys, *common, "--output-dir", str(out))
     assert code == 0, err
-    assert "align_base: reusing" in log and "train_teacher: resuming its unfinished run (same inputs)" in log
+    assert "align_base: reusing" in log
+    assert "train_teacher: resuming its unfinished run (same inputs) from its last checkpoint" in log
     assert record(out / "teacher")["resumed"] is True
     assert not (out / "work" / "train_teacher" / "checkpoints").exists()
     # Resumed exactly: the teacher is the one an uninterrupted run trains.

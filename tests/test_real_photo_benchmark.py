@@ -100,6 +100,9 @@ def test_the_benchmark_runs_two_seeds_and_an_ablation_and_a_rerun_reuses_everyth
     assert ": running" not in log and "reusing the finished result" in log
     again = json.loads((results / "results.json").read_text())["protocols"]["disjoint"]
     assert again["models"] == models and again["ablations"] == ablations
+    # What the stages cost is their recorded seconds, not the wall time of the run that only reused them.
+    assert disjoint["stages_s_total"] == pytest.approx(sum(disjoint["timings_s"].values()), abs=0.1)
+    assert disjoint["stages_s_total"] > 10 and again["stages_s_total"] == disjoint["stages_s_total"]
 
     # One seed re-run from scratch in another output folder (base and teacher retrained too): the same figures.
     rerun = benchmark(["1"], [], "rerun", "rerun-results")

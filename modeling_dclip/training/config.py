@@ -21,7 +21,7 @@ import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from transformers import HfArgumentParser, SchedulerType
@@ -53,6 +53,13 @@ def inherited(config_class: type, name: str, default: Any) -> Any:
 @dataclass
 class TrainingConfig:
     """What every stage shares: data, optimisation, precision, checkpoints, logging and validation."""
+
+    training_version: ClassVar[int] = 1
+    """The version of the package's training code for this kind of stage, part of a stage's inputs
+    (`modeling_dclip.pipeline`): raised whenever a change of the code makes the same settings and data train other
+    weights (another random stream, another order of summation), so that a result trained by earlier code is not
+    reused as if the current code had made it. 1: the code since 2026-12-01 (the loop's data loader with its own
+    generator; the teacher's pairs summed in a fixed order); results recorded before carry no version."""
 
     output_dir: str = option("outputs/stage", "Where the final model (with its processor) is saved.")
     work_dir: str | None = option(
