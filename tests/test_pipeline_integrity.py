@@ -65,7 +65,7 @@ def record(folder: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_seed_config_and_data_changes_recompute_what_they_affect(photos, tmp_path, capsys, monkeypatch):
+def test_seed_config_data_and_code_version_changes_recompute_what_they_affect(photos, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     common = ("--data", str(photos), "--output-dir", str(out))
     code, log, err = dclip_run(capsys, *common)

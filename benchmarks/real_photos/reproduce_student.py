@@ -3,9 +3,10 @@
 Tells whether a recorded student is reproduced by the code that recorded it (and whether a later version draws it
 differently) without retraining the base and teacher: the recorded base folder is linked into a new output folder and
 its stage record passed on, then the checkout's own `Benchmark.finetune` and `Benchmark.evaluate` run the student
-(plain fine-tuning and Knowledge-CLIP read no teacher; the DCLIP and ConaCLIP students need `teacher` too, which this
-script does not link). `--compare` compares the trained weights with a recorded student's, tensor by tensor. Example,
-plain fine-tuning seed 1 with the code of commit 887c73f (the one that recorded the disjoint seeds):
+with the checkout's `DEFAULT_BUDGET` (the recorded command's; a `--budget` file is not taken). Plain fine-tuning and
+Knowledge-CLIP read no teacher; the DCLIP and ConaCLIP students need `teacher` too, which this script does not link.
+`--compare` compares the trained weights with a recorded student's, tensor by tensor. Example, plain fine-tuning seed
+1 with the code of commit 887c73f (the one that recorded the disjoint seeds):
 
     git worktree add /tmp/code-887c73f 887c73f
     YOLO_OFFLINE=1 DCLIP_FEATURE_STORE=/tmp/store-887c73f python benchmarks/real_photos/reproduce_student.py \\
