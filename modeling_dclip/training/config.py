@@ -54,12 +54,14 @@ def inherited(config_class: type, name: str, default: Any) -> Any:
 class TrainingConfig:
     """What every stage shares: data, optimisation, precision, checkpoints, logging and validation."""
 
-    training_version: ClassVar[int] = 1
+    training_version: ClassVar[int] = 2
     """The version of the package's training code for this kind of stage, part of a stage's inputs
     (`modeling_dclip.pipeline`): raised whenever a change of the code makes the same settings and data train other
     weights (another random stream, another order of summation), so that a result trained by earlier code is not
-    reused as if the current code had made it. 1: the code since 2026-12-01 (the loop's data loader with its own
-    generator; the teacher's pairs summed in a fixed order); results recorded before carry no version."""
+    reused as if the current code had made it. Results recorded before 16fc4b3 carry no version. 1 (16fc4b3 to
+    f8d779e): the loop's data loader with a generator of its own, the teacher's pairs summed in a fixed order. 2:
+    the data loader draws each epoch's seed from the global random stream again (the stream of the code that
+    recorded the real-photo benchmark), the teacher's pairs still summed in a fixed order."""
 
     output_dir: str = option("outputs/stage", "Where the final model (with its processor) is saved.")
     work_dir: str | None = option(

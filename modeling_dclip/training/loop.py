@@ -193,15 +193,10 @@ def train(
     if not trainable:
         raise ValueError(f"{stage_name}: no trainable parameters (check the freezing settings)")
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=config.weight_decay)
-    # Its own generator: a data loader otherwise draws its workers' base seed from the global RNG each time an
-    # epoch starts, so that a run resumed in mid-epoch (whose epoch starts after the checkpoint's RNG state is
-    # restored) would draw different dropout masks from there on than the uninterrupted run.
-    loader = DataLoader(
-        batches.pairs,
-        batch_sampler=batches,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(config.seed),
-    )
+    # The batches come from `batches`' own generator; the loader draws its workers' base seed from the global RNG
+    # each time an epoch starts, as a DataLoader does (the random stream, hence the dropout masks, that trained the
+    # recorded benchmarks).
+    loader = DataLoader(batches.pairs, batch_sampler=batches, collate_fn=collate)
     accumulation = config.gradient_accumulation_steps
     updates_per_epoch = math.ceil(len(loader) / accumulation)
     total_steps = config.max_steps or updates_per_epoch * config.num_train_epochs
@@ -234,7 +229,12 @@ def train(
             loader.set_epoch(epoch)
             # Resuming in the middle of an epoch: skip the micro-batches of the updates already done.
             done = progress.step - epoch * updates_per_epoch
-            epoch_loader = accelerator.skip_first_batches(loader, done * accumulation) if done else loader
+            epoch_loader = loader
+            if done:
+                epoch_loader = accelerator.skip_first_batches(loader, done * accumulation)
+                # This epoch drew its seed before the checkpoint, whose RNG state was restored: drawing it again from
+                # the global RNG would shift every dropout mask from here on against the uninterrupted run.
+                epoch_loader.base_dataloader.generator = torch.Generator().manual_seed(config.seed)
             sums: dict[str, float] = {}
             micro_batches = 0
             for batch in epoch_loader:
