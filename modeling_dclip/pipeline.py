@@ -3,7 +3,8 @@
 Every stage is identified by a fingerprint of everything that determines its result: its resolved config, the
 fingerprints of its inputs (the data's content, the models it starts from, the region settings), the seed, and the
 version of the code that trains it (`TrainingConfig.training_version`). Its output folder holds a record
-(`stage.json`: the fingerprint and the inputs it was computed from), written last. A later run reuses a finished
+(`stage.json`: the fingerprint, the inputs it was computed from, and the environment it ran in, which is
+recorded, not part of the fingerprint), written last. A later run reuses a finished
 stage only when its fingerprint matches, and otherwise says which inputs changed and recomputes it (and, through
 their fingerprints, every stage after it). A stage that fails is reported by name, and what finished before it stays
 on disk; rerunning the same command resumes, an unfinished training stage from its last checkpoint (`StageRunner`). A
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.metadata
 import json
 import logging
 import os
@@ -31,6 +31,7 @@ import datasets
 import yaml
 
 from .atomic import atomic_path, write_json_atomically, write_text_atomically
+from .environment import distribution_version, recorded_environment
 from .feature_store import DatasetBoxes, FeatureStore, digest, file_digest, images_fingerprint, texts_fingerprint
 from .training.config import AlignConfig, DistillConfig, TeacherConfig, load_stage_config
 
@@ -259,16 +260,6 @@ def run_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _versions() -> dict[str, str]:
-    found = {}
-    for name in ("dclip", "torch", "transformers", "accelerate", "datasets", "timm", "peft"):
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
-
-
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict):
         flat: dict[str, Any] = {}
@@ -323,6 +314,7 @@ class StageRunner:
 
     def __init__(self, work: Path, log: Callable[[str], None]):
         self.work, self.log = work, log
+        self.records: dict[str, dict[str, Any]] = {}  # the stages run or reused through this runner, by name
         self.timings_file = work / "timings.json"
         self.timings: dict[str, float] = (
             json.loads(self.timings_file.read_text()) if self.timings_file.is_file() else {}
@@ -349,6 +341,7 @@ class StageRunner:
             record = json.loads(record_file.read_text())
             if record.get("fingerprint") == fingerprint:
                 self.log(f"[dclip run] {name}: reusing the finished result (same inputs)")
+                self.records[name] = record
                 return record
             changed = changed_fields(record.get("inputs", {}), inputs)
             self.log(f"[dclip run] {name}: inputs changed ({', '.join(changed)}); recomputing")
@@ -381,8 +374,10 @@ class StageRunner:
             "resumed": resumed,
             "seconds_before_resuming": round(seconds_before, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "environment": recorded_environment(),
         }
         write_json_atomically(record_file, record)
+        self.records[name] = record
         shutil.rmtree(work_dir / CHECKPOINTS, ignore_errors=True)
         self.timings[name] = seconds
         write_json_atomically(self.timings_file, self.timings)
@@ -391,6 +386,19 @@ class StageRunner:
             + (f" ({seconds_before:.1f} s of them before it resumed)" if resumed else "")
         )
         return record
+
+    def environments(self) -> list[dict[str, Any]]:
+        """The environments the stages in `records` ran in, read from their records, each with the names of the
+        stages that ran in it; stages recorded before records held an environment are grouped under `None`."""
+        groups: list[dict[str, Any]] = []
+        for name, record in self.records.items():
+            environment = record.get("environment")
+            group = next((group for group in groups if group["environment"] == environment), None)
+            if group is None:
+                group = {"environment": environment, "stages": []}
+                groups.append(group)
+            group["stages"].append(name)
+        return groups
 
 
 def _seconds_worked(saved: list[Path], work_mark: Path, mark: dict[str, Any]) -> float:
@@ -428,7 +436,12 @@ def load_run_data(preset: RunPreset, work: Path) -> tuple[datasets.DatasetDict, 
         "test": preset.test_images,
     }
     sizes = {name: count for name, count in sizes.items() if count}
-    settings = {"sizes": sizes, "seed": preset.seed, "scene_size": preset.scene_size, "version": _versions()["dclip"]}
+    settings = {
+        "sizes": sizes,
+        "seed": preset.seed,
+        "scene_size": preset.scene_size,
+        "version": distribution_version("dclip"),
+    }
     folder = work / "data" / digest(settings)
     if not (folder / "dataset_dict.json").is_file():
         with atomic_path(folder) as temporary:
@@ -659,7 +672,7 @@ def _run_locked(
             name: {"fingerprint": record["fingerprint"], **record["inputs"]} for name, record in records.items()
         },
         "preset": asdict(preset),
-        "versions": _versions(),
+        "versions": recorded_environment(),
         "timings_s": stages.timings,
     }
     write_json_atomically(out / "results.json", results)

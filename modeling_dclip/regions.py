@@ -276,6 +276,9 @@ class GridRegionExtractor(RegionExtractor):
 
 
 def _import_ultralytics():
+    # Importing ultralytics sets OMP_NUM_THREADS=1 in the process's environment when it is unset, so that every
+    # process started after it (a training launch, a worker) would compute on one thread. The caller's is kept.
+    threads = os.environ.get("OMP_NUM_THREADS")
     try:
         return importlib.import_module("ultralytics")
     except ImportError as error:
@@ -283,6 +286,11 @@ def _import_ultralytics():
             "YoloRegionExtractor needs ultralytics, an optional dependency (AGPL-3.0): "
             f'pip install "dclip[yolo]". Without it, use {_ALTERNATIVES}. (Importing ultralytics failed: {error})'
         ) from error
+    finally:
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = threads
 
 
 class YoloRegionExtractor(RegionExtractor):
@@ -370,6 +378,16 @@ class YoloRegionExtractor(RegionExtractor):
             raise self._missing_weights(f"no such local file, and ultralytics could not get it ({error})") from error
 
     def _extract(self, images: list[Image.Image]) -> list[Regions]:
+        # ultralytics' `select_device` (run by `predict`) sets torch's CPU thread count for the whole process to its
+        # own choice (cpu_count - 1, at most 8): everything computed after it would run on fewer threads here (one of
+        # two cores) and sum in another order. The caller's count is put back.
+        threads = torch.get_num_threads()
+        try:
+            return self._predict(images)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _predict(self, images: list[Image.Image]) -> list[Regions]:
         if self._model is None:
             self._model = self._load_model()
         predict_settings = {

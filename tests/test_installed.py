@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, dclip_command
 from huggingface_hub import ModelCard
 from PIL import Image, ImageDraw
@@ -56,6 +57,7 @@ def test_info(outside):
     result = run_dclip("info", cwd=outside)
     assert result.returncode == 0, result.stderr
     assert f"dclip: {modeling_dclip.__version__}" in result.stdout
+    assert f"torch_cpu_capability: {torch.backends.cpu.get_cpu_capability()}" in result.stdout
     towers = result.stdout.split("embedded towers:", 1)[1]
     assert "MISSING" not in towers and "vision EfficientNet-Lite0: /" in towers
 

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from modeling_dclip import DCLIPProcessor, DCLIPTeacherModel
 from modeling_dclip.cli import main
 from modeling_dclip.data.spec import load_dataset_spec
+from modeling_dclip.environment import recorded_environment
 from modeling_dclip.feature_store import FeatureStore, digest
 from modeling_dclip.pipeline import WORK_MARK, StageError, StageRunner
 from modeling_dclip.training import TeacherConfig
@@ -198,6 +199,23 @@ def test_unfinished_work_is_resumed_only_for_the_inputs_it_was_for(tmp_path):
     assert seen == [True, False] and "stage: running" in messages[-2]
     assert record(out)["resumed"] is False and record(out)["inputs"] == {"seed": 2}
     assert record(out)["seconds_before_resuming"] == 0
+
+
+def test_a_stage_records_the_environment_it_ran_in_outside_its_fingerprint(tmp_path):
+    runner = StageRunner(tmp_path / "work", print)
+    done = runner.run("new", tmp_path / "new", {"seed": 0}, (tmp_path / "new").mkdir)
+    assert done["environment"] == recorded_environment()
+    assert done["environment"]["torch"] == torch.__version__.split("+")[0] and done["environment"]["python"]
+    # A record an earlier version wrote holds no environment: still reused for its inputs, grouped under None.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "stage.json").write_text(json.dumps({"stage": "old", "fingerprint": digest({"seed": 1})}))
+    again = StageRunner(tmp_path / "work", print)
+    assert again.run("new", tmp_path / "new", {"seed": 0}, pytest.fail) == done
+    assert "environment" not in again.run("old", tmp_path / "old", {"seed": 1}, pytest.fail)
+    assert again.environments() == [
+        {"environment": recorded_environment(), "stages": ["new"]},
+        {"environment": None, "stages": ["old"]},
+    ]
 
 
 def test_an_unfinished_run_that_saved_nothing_runs_again_and_says_so(tmp_path):

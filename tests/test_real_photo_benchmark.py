@@ -5,6 +5,7 @@ scratch elsewhere (what the README's single-seed rerun does) that reproduces tha
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -91,6 +92,12 @@ def test_the_benchmark_runs_two_seeds_and_an_ablation_and_a_rerun_reuses_everyth
     regions = json.loads((tmp_path / "out" / "disjoint" / "teacher-regions-none" / "stage.json").read_text())
     assert regions["inputs"]["config"]["regions"] == {"type": "grid", "scales": [2], "max_regions": 1}
     assert "### Ablations (seed 0" in (results / "results.md").read_text()
+    # Where the figures were made: this command's environment, and every stage's (all of them ran in this one).
+    assert found["environment"]["torch"] == importlib.metadata.version("torch")
+    [group] = disjoint["environments"]
+    assert group["environment"] == found["environment"]
+    assert set(group["stages"]) == set(disjoint["timings_s"]) and "evaluate_teacher-regions-none" in group["stages"]
+    assert f"Environment of {len(group['stages'])} stages: python " in (results / "results.md").read_text()
     assert (results / "retention_vs_recall.png").stat().st_size > 0
 
     # The same command again: every stage is reused, and the results are the same.

@@ -251,6 +251,39 @@ def test_yolo_confident_detections_are_capped_and_normalised(yolo_weights, offli
         assert (np.diff(regions.scores[1:]) <= 0).all()
 
 
+def test_yolo_leaves_torchs_thread_count_as_it_found_it(yolo_weights, offline):
+    """ultralytics sets torch's thread count to cpu_count - 1 (at most 8) when it picks a device; regions computed
+    in a process must not change the threads (so the speed and floating-point sums) of everything after them."""
+    before = torch.get_num_threads()
+    theirs = min(8, max(1, (os.cpu_count() or 1) - 1))
+    ours = theirs + 1
+    torch.set_num_threads(ours)
+    try:
+        YoloRegionExtractor(yolo_weights, conf=0.5, imgsz=64)([random_image(64, 64, 0)])
+        assert torch.get_num_threads() == ours
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_yolo_leaves_the_process_environment_as_it_found_it(yolo_weights):
+    """Importing ultralytics sets OMP_NUM_THREADS=1 where it is unset, which every process started later (a training
+    launch) would inherit: in a fresh interpreter, extracting regions leaves the variable unset."""
+    script = (
+        "import os, torch\n"
+        "from PIL import Image\n"
+        "from modeling_dclip.regions import YoloRegionExtractor\n"
+        "before = (os.environ.get('OMP_NUM_THREADS'), torch.get_num_threads())\n"
+        f"YoloRegionExtractor({str(yolo_weights)!r}, imgsz=64)([Image.new('RGB', (64, 64))])\n"
+        "print(before == (os.environ.get('OMP_NUM_THREADS'), torch.get_num_threads()), before[0])\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    environment.update(YOLO_OFFLINE="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=300, check=True
+    )
+    assert completed.stdout.split() == ["True", "None"], completed.stdout + completed.stderr[-2000:]
+
+
 def test_yolo_without_detections_gives_whole_image_only(yolo_weights, offline):
     images = [random_image(64, 64, seed) for seed in range(2)]
     for extractor in (

@@ -12,8 +12,10 @@ reported. Every stage is content-keyed (`modeling_dclip.pipeline.StageRunner`): 
 what finished (an interrupted training stage from its last checkpoint), so the benchmark can be run across sessions,
 a seed at a time (`--seeds 1`).
 
-Writes `results.json` (`models.<name>.<metric>.{mean,std}`, `zeroshot_retention`), `results.md` and
-`retention_vs_recall.png` into `--results-dir` (default: beside this file).
+Writes `results.json` (`models.<name>.<metric>.{mean,std}`, `zeroshot_retention`; `environment`: this command's
+Python, package releases and CPU, and each protocol's `environments`: those its stages' records hold, with the stages
+run in each), `results.md` and `retention_vs_recall.png` into `--results-dir` (default: beside this file). The same
+code and seed train other figures under other package releases, so a figure is reproducible in its environment.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ HERE = Path(__file__).resolve().parent
 RETRIEVAL = tuple(f"{d}_{m}" for d in ("text_to_image", "image_to_text") for m in ("R@1", "R@5", "R@10", "mAP"))
 WISE_ALPHAS = (0.25, 0.5, 0.75)
 RERANK_TOP_K = 20
+# The releases results.md names beside each protocol (results.json holds the whole recorded environment).
+ENVIRONMENT_SHOWN = ("python", "torch", "transformers", "accelerate", "timm", "numpy", "pillow", "onnxruntime")
 """The teacher re-ranks the base's top 20 images of each caption and captions of each image (retrieve, then re-rank,
 as `dclip search --rerank` uses it): every pair of a 1,000-photo split (5 million) costs about 1.4 hours of this
 CPU, the shortlists (120,000 pairs) 2 minutes (`time_teacher_pairs.py`)."""
@@ -438,6 +442,15 @@ def ablation_table(found: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def environment_line(environment: dict[str, Any]) -> str:
+    """The environment a stage record holds, in one line: the releases that decide its figures, and the CPU."""
+    releases = ", ".join(f"{name} {environment[name]}" for name in ENVIRONMENT_SHOWN)
+    return (
+        f"{releases}; {environment['cpu'] or 'CPU'} ({environment['torch_cpu_capability']}, "
+        f"{environment['torch_threads']} threads), CUDA {environment['cuda_device'] or 'none'}"
+    )
+
+
 def write_results(results: dict[str, Any], folder: Path) -> None:
     from modeling_dclip.atomic import write_json_atomically, write_text_atomically
 
@@ -464,6 +477,9 @@ def write_results(results: dict[str, Any], folder: Path) -> None:
             cells.append(f"{100 * kept['mean']:.1f} ± {100 * kept['std']:.1f}" if kept else "–")
             lines.append(f"| {label} (n={next(iter(metrics.values()))['n']}) | " + " | ".join(cells) + " |")
         lines.append("")
+        for group in found["environments"]:
+            where = environment_line(group["environment"]) if group["environment"] else "not recorded"
+            lines += [f"Environment of {len(group['stages'])} stages: {where}", ""]
         if found.get("ablations"):
             lines += ablation_table(found)
     write_text_atomically(folder / "results.md", "\n".join(lines) + "\n")
@@ -491,6 +507,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import yaml
 
+    from modeling_dclip.environment import recorded_environment
+
     args = parse_args(argv)
     budget = json.loads(json.dumps(DEFAULT_BUDGET))
     if args.budget:
@@ -501,11 +519,14 @@ def main(argv: list[str] | None = None) -> None:
         "budget": budget,
         "image_size": args.image_size,
         "seeds": args.seeds,
+        # This command's; each protocol's `environments` say where its stages ran (their records).
+        "environment": recorded_environment(),
         "protocols": {},
     }
     for protocol in args.protocols:
         bench = Benchmark(args, protocol, budget)
         found = results["protocols"][protocol] = run_protocol(bench)
+        found["environments"] = bench.runner.environments()
         write_results(results, Path(args.results_dir))
         if protocol != args.ablation_protocol:
             continue
@@ -513,6 +534,7 @@ def main(argv: list[str] | None = None) -> None:
         # "protocol" (no change) first, as their reference; results written after each, so a stop keeps the rest
         for name in ["protocol", *args.ablations] if args.ablations else []:
             found["ablations"][name] = run_ablation(bench, name, found["learning_rates"])
+            found["environments"] = bench.runner.environments()
             write_results(results, Path(args.results_dir))
 
 

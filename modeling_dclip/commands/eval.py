@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import platform
 import random
 import shlex
 import sys
@@ -17,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_json_atomically
+from ..environment import recorded_environment
 
 TASK_NAMES = ("retrieval", "compositional", "zeroshot")
-_DISTRIBUTIONS = ("dclip", "torch", "transformers", "datasets", "timm", "ultralytics")
 _REGION_CHOICES = (
     "processor (the extractor saved with the processor), dataset (the dataset's own boxes), grid, "
     'or a JSON object of extractor settings such as \'{"type": "yolo", "weights": "detector.pt"}\''
@@ -156,7 +154,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "batch_size": args.batch_size,
         "device": str(next(model.parameters()).device),
-        "versions": _versions(),
+        "versions": recorded_environment(),
         "wall_time_s": {
             "load_model": round(loaded_model - started, 3),
             "load_dataset": round(loaded_data - loaded_model, 3),
@@ -254,16 +252,6 @@ def _equivalent_command(args: argparse.Namespace) -> str:
         if value is not None:
             words += [option, value]
     return shlex.join(words)
-
-
-def _versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for distribution in _DISTRIBUTIONS:
-        try:
-            versions[distribution] = importlib.metadata.version(distribution)
-        except importlib.metadata.PackageNotFoundError:
-            versions[distribution] = "not installed"
-    return versions
 
 
 def _print_table(results: dict[str, Any]) -> None:

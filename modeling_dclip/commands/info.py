@@ -4,21 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
-import platform
 
-_DISTRIBUTIONS = (
-    "dclip",
-    "torch",
-    "torchvision",
-    "transformers",
-    "timm",
-    "accelerate",
-    "datasets",
-    "huggingface_hub",
-    "peft",
-    "evaluate",
-)
 # (distribution, import name, what it enables)
 _OPTIONAL_BACKENDS = (
     ("ultralytics", "ultralytics", "YOLO regions, `dclip train-detector` (extra: yolo, AGPL-3.0)"),
@@ -33,13 +19,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def _importable(module: str) -> str:
     try:
         importlib.import_module(module)
@@ -49,17 +28,17 @@ def _importable(module: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..towers import embedded_text_path, embedded_vision_weights_path
-
-    print(f"python: {platform.python_version()} ({platform.platform()})")
-    for distribution in _DISTRIBUTIONS:
-        print(f"{distribution}: {_version(distribution)}")
     import torch
 
+    from ..environment import distribution_version, recorded_environment
+    from ..towers import embedded_text_path, embedded_vision_weights_path
+
+    for key, value in recorded_environment().items():
+        print(f"{key}: {value}")
     print(f"torch devices: cpu{', cuda x' + str(torch.cuda.device_count()) if torch.cuda.is_available() else ''}")
     print("optional backends:")
     for distribution, module, purpose in _OPTIONAL_BACKENDS:
-        print(f"  {distribution} ({_version(distribution)}): {_importable(module)} - {purpose}")
+        print(f"  {distribution} ({distribution_version(distribution)}): {_importable(module)} - {purpose}")
     print("embedded towers:")
     for label, locate in (
         ("vision EfficientNet-Lite0", embedded_vision_weights_path),
