@@ -1,7 +1,7 @@
 """The environment a result was computed in: Python, the package releases, and the CPU kernels and threads torch
 computes with. Every stage record, `dclip run`'s and `dclip eval`'s results and the benchmarks record it, because the
-same code and seed train other floating-point results under other releases (`benchmarks/real_photos/README.md`
-measured it): a figure can only be reproduced in the environment that made it."""
+same code and seed train other floating-point results in another environment (other releases or another CPU:
+`benchmarks/real_photos/README.md` measured it): a figure can only be reproduced in the environment that made it."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ a seed at a time (`--seeds 1`).
 Writes `results.json` (`models.<name>.<metric>.{mean,std}`, `zeroshot_retention`; `environment`: this command's
 Python, package releases and CPU, and each protocol's `environments`: those its stages' records hold, with the stages
 run in each), `results.md` and `retention_vs_recall.png` into `--results-dir` (default: beside this file). The same
-code and seed train other figures under other package releases, so a figure is reproducible in its environment.
+code and seed train other figures in another environment, so a figure is reproducible in its own.
 """
 
 from __future__ import annotations
