@@ -169,7 +169,7 @@ class Benchmark:
             self.cifar = self.cifar.select(keep)
         self.fingerprints = {name: data_fingerprint(rows) for name, rows in self.splits.items()}
         self.cifar_fingerprint = {"rows": len(self.cifar), "images": images_fingerprint(self.cifar)}
-        self.records: dict[str, dict] = {}
+        self.records = self.runner.records  # every stage's record by name, as the runner keeps them
         self.teachers: set[str] = set()
 
     def stage(self, name: str, config_class, fields: dict, inputs: dict, train) -> dict:
@@ -185,11 +185,9 @@ class Benchmark:
             # Checkpoints every 25 updates (a few minutes here): an interrupted stage resumes from its last one.
             **{"save_steps": 25, "resume_from_checkpoint": "latest", **fields},
         )
-        record = self.runner.run(
+        return self.runner.run(
             name, self.out / name, {"config": _config_inputs(config), **inputs}, lambda: train(config)
         )
-        self.records[name] = record
-        return record
 
     def base(self) -> dict:
         from modeling_dclip.training import AlignConfig, align_base
