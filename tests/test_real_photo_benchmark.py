@@ -1,7 +1,8 @@
 """The real-photo benchmark's own command (`benchmarks/real_photos/run_benchmark.py`) end to end on a few real
 Flickr8k photos with the shared YOLO detector and a tiny budget: two seeds, one learning rate, protocol `disjoint`
 and one ablation; the results' schema, a rerun of the same command that reuses every stage, and one seed re-run from
-scratch elsewhere (what the README's single-seed rerun does) that reproduces that seed's figures."""
+scratch elsewhere (what the README's single-seed rerun does) that reproduces that seed's figures, as
+`check_rerun.py` finds."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import yaml
 from conftest import REPO, SHARED, SHARED_DATA, karpathy_subset
 
 SCRIPT = REPO / "benchmarks" / "real_photos" / "run_benchmark.py"
+CHECK = REPO / "benchmarks" / "real_photos" / "check_rerun.py"
 DETECTOR = SHARED / "models" / "yolov8n-coco-int8" / "yolov8n_int8.onnx"
 CIFAR = SHARED_DATA / "cifar10-test"
 
@@ -73,8 +75,14 @@ def test_the_benchmark_runs_two_seeds_and_an_ablation_and_a_rerun_reuses_everyth
         assert models[label]["text_to_image_R@1"]["n"] == 2, label
         assert 0 <= models[label]["text_to_image_R@1"]["mean"] <= 1
         assert models[label]["text_to_image_R@1"]["std"] >= 0
-        assert set(disjoint["zeroshot_retention"][label]) == {"mean", "std", "n"}
+        assert set(disjoint["zeroshot_retention"][label]) == {"mean", "std", "n", "runs"}
+        # Each seed's own figure beside the mean (what a re-run of one seed is checked against).
+        runs = models[label]["text_to_image_R@1"]["runs"]
+        assert set(runs) == {"0", "1"} and sum(runs.values()) / 2 == pytest.approx(
+            models[label]["text_to_image_R@1"]["mean"]
+        )
     assert models["base"]["cifar10_top1"]["n"] == 1 and "cifar10_top1" not in models["teacher"]
+    assert set(models["teacher"]["text_to_image_R@1"]["runs"]) == {"0"}  # trained once, with seed 0
     assert {"DCLIP student WiSE-FT 0.5", "teacher"} <= set(models)
     # The ablation beside its reference (the protocol's own models at the first seed, unchanged).
     ablations = disjoint["ablations"]
@@ -127,3 +135,17 @@ def test_the_benchmark_runs_two_seeds_and_an_ablation_and_a_rerun_reuses_everyth
         assert len(figures) > 10 and {key: after[key] for key in figures} == pytest.approx(
             {key: before[key] for key in figures}, abs=1e-6
         ), seed1
+    # The issue's check as its script makes it: the re-run's figures against the recorded ones, all within.
+    check = subprocess.run(
+        [sys.executable, str(CHECK), str(results / "results.json"), str(tmp_path / "rerun-results" / "results.json")]
+        + ["--json", str(tmp_path / "check.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    rows = json.loads((tmp_path / "check.json").read_text())["protocols"]["disjoint"]
+    assert {(row["model"], row["seed"]) for row in rows} >= {("base", 0), ("teacher", 0), ("DCLIP student", 1)}
+    assert all(row["within"] and abs(row["rerun"] - row["recorded_seed"]) <= 1e-6 for row in rows)
+    assert f"0 of {len(rows)} figures outside the recorded std." in check.stdout
+    assert "Environment: the same in both runs." in check.stdout

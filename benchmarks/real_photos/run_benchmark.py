@@ -12,10 +12,12 @@ reported. Every stage is content-keyed (`modeling_dclip.pipeline.StageRunner`): 
 what finished (an interrupted training stage from its last checkpoint), so the benchmark can be run across sessions,
 a seed at a time (`--seeds 1`).
 
-Writes `results.json` (`models.<name>.<metric>.{mean,std}`, `zeroshot_retention`; `environment`: this command's
-Python, package releases and CPU, and each protocol's `environments`: those its stages' records hold, with the stages
-run in each), `results.md` and `retention_vs_recall.png` into `--results-dir` (default: beside this file). The same
-code and seed train other figures in another environment, so a figure is reproducible in its own.
+Writes `results.json` (`models.<name>.<metric>.{mean,std,n,runs}`, `runs` each seed's figure;
+`zeroshot_retention`; `environment`: this command's Python, package releases and CPU, and each protocol's
+`environments`: those its stages' records hold, with the stages run in each), `results.md` and
+`retention_vs_recall.png` into `--results-dir` (default: beside this file). The same code and seed train other
+figures in another environment, so a figure is reproducible in its own; `check_rerun.py` compares a re-run of one
+seed with the recorded figures.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 RETRIEVAL = tuple(f"{d}_{m}" for d in ("text_to_image", "image_to_text") for m in ("R@1", "R@5", "R@10", "mAP"))
 WISE_ALPHAS = (0.25, 0.5, 0.75)
 RERANK_TOP_K = 20
+ONCE_SEED = 0
+"""The seed of the stages trained once per protocol (the base and the teachers), whatever `--seeds` says."""
 # The releases results.md names beside each protocol (results.json holds the whole recorded environment).
 ENVIRONMENT_SHOWN = ("python", "torch", "transformers", "accelerate", "timm", "numpy", "pillow", "onnxruntime")
 """The teacher re-ranks the base's top 20 images of each caption and captions of each image (retrieve, then re-rank,
@@ -124,11 +128,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def mean_std(values: list[float]) -> dict[str, float]:
+def mean_std(runs: dict[int, float]) -> dict[str, Any]:
+    """Mean and sample std of one figure over the seeds that trained it, and each seed's own (`runs`, keyed by the
+    seed: what a re-run of one seed is compared with, `check_rerun.py`)."""
+    values = list(runs.values())
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else 0.0,
         "n": len(values),
+        "runs": {str(seed): value for seed, value in runs.items()},
     }
 
 
@@ -195,7 +203,7 @@ class Benchmark:
         return self.stage(
             "base",
             AlignConfig,
-            {"seed": 0, **self.budget["align"]},
+            {"seed": ONCE_SEED, **self.budget["align"]},
             {"data": self.fingerprints["pretrain"]},
             lambda config: align_base(config, self.splits["pretrain"], store=self.store),
         )
@@ -211,7 +219,7 @@ class Benchmark:
         yolo = regions["type"] == "yolo"
         if yolo:
             regions["weights"] = self.args.detector
-        fields = {"seed": 0, "base_model": str(self.out / "base"), "regions": regions, **settings}
+        fields = {"seed": ONCE_SEED, "base_model": str(self.out / "base"), "regions": regions, **settings}
         inputs = {
             "base": self.records["base"]["fingerprint"],
             "data": self.fingerprints["finetune"],
@@ -344,9 +352,9 @@ def run_protocol(bench: Benchmark) -> dict[str, Any]:
     args = bench.args
     bench.base()
     bench.teacher()
-    per_model: dict[str, list[dict[str, float]]] = {}
-    per_model["base"] = [bench.evaluate("base", "base")]
-    per_model["teacher"] = [bench.evaluate("teacher", "teacher")]
+    per_model: dict[str, dict[int, dict[str, float]]] = {}  # label -> seed -> figures
+    per_model["base"] = {ONCE_SEED: bench.evaluate("base", "base")}
+    per_model["teacher"] = {ONCE_SEED: bench.evaluate("teacher", "teacher")}
     rates = {
         "plain fine-tuning": select_learning_rate(bench, "plain", "contrastive", args.learning_rates),
         "DCLIP student": select_learning_rate(bench, "dclip", "dclip", args.learning_rates),
@@ -362,19 +370,20 @@ def run_protocol(bench: Benchmark) -> dict[str, Any]:
             extra = {"text_teacher_model": "dclip-embedded/all-MiniLM-L6-v2"} if recipe == "knowledge_clip" else {}
             folder = f"{name}-lr{rate:g}-seed{seed}"
             bench.finetune(folder, seed, recipe, rate, **extra)
-            per_model.setdefault(label, []).append(bench.evaluate(folder, folder))
+            per_model.setdefault(label, {})[seed] = bench.evaluate(folder, folder)
         for alpha in WISE_ALPHAS:
             folder = f"dclip-lr{rates['DCLIP student']:g}-seed{seed}"
             label = f"DCLIP student WiSE-FT {alpha:g}"
-            per_model.setdefault(label, []).append(bench.evaluate(f"{folder}-wise{alpha:g}", folder, alpha))
-    base_cifar = per_model["base"][0]["cifar10_top1"]
+            per_model.setdefault(label, {})[seed] = bench.evaluate(f"{folder}-wise{alpha:g}", folder, alpha)
+    base_cifar = per_model["base"][ONCE_SEED]["cifar10_top1"]
     models = {
-        label: {key: mean_std([run[key] for run in runs]) for key in runs[0]} for label, runs in per_model.items()
+        label: {key: mean_std({seed: run[key] for seed, run in runs.items()}) for key in next(iter(runs.values()))}
+        for label, runs in per_model.items()
     }
     retention = {
-        label: mean_std([run["cifar10_top1"] / base_cifar for run in runs])
+        label: mean_std({seed: run["cifar10_top1"] / base_cifar for seed, run in runs.items()})
         for label, runs in per_model.items()
-        if "cifar10_top1" in runs[0]
+        if "cifar10_top1" in next(iter(runs.values()))
     }
     return {
         "models": models,
