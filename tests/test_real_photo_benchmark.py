@@ -147,5 +147,7 @@ def test_the_benchmark_runs_two_seeds_and_an_ablation_and_a_rerun_reuses_everyth
     rows = json.loads((tmp_path / "check.json").read_text())["protocols"]["disjoint"]
     assert {(row["model"], row["seed"]) for row in rows} >= {("base", 0), ("teacher", 0), ("DCLIP student", 1)}
     assert all(row["within"] and abs(row["rerun"] - row["recorded_seed"]) <= 1e-6 for row in rows)
+    assert all(row["equal_to_recorded_seed"] for row in rows)
     assert f"0 of {len(rows)} figures outside the recorded std." in check.stdout
+    assert f"{len(rows)} of {len(rows)} figures equal to the recorded seed's (to --atol)." in check.stdout
     assert "Environment: the same in both runs." in check.stdout
