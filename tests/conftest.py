@@ -230,3 +230,25 @@ def feature_store_root(tmp_path_factory) -> Path:
         os.environ.pop("DCLIP_FEATURE_STORE", None)
     else:
         os.environ["DCLIP_FEATURE_STORE"] = previous
+
+
+# Read when pytest imports this file, before any test.
+SESSION_OMP_THREADS = os.environ.get("OMP_NUM_THREADS")
+
+
+def _set_session_omp_threads() -> None:
+    if SESSION_OMP_THREADS is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = SESSION_OMP_THREADS
+
+
+@pytest.fixture(autouse=True)
+def omp_threads_kept():
+    """Importing ultralytics (`pytest.importorskip` in a test or a module's fixture) sets OMP_NUM_THREADS=1 in this
+    process's environment where it is unset: every process a later test starts would then compute on one thread,
+    while this one computes on the threads its torch started with, and their floating-point sums would differ. Every
+    test starts and ends with the variable the session started with."""
+    _set_session_omp_threads()
+    yield
+    _set_session_omp_threads()

@@ -255,7 +255,9 @@ def test_an_interrupted_training_stage_resumes_from_its_last_checkpoint(photos, 
     settings.write_text(yaml.safe_dump({"save_steps": 1, "teacher": {"num_train_epochs": 4, "batch_size": 4}}))
     out = tmp_path / "run"
     common = ("--data", str(photos), "--config", str(settings))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # The interrupted part trains in a subprocess, the rest in this process: both compute with this process's thread
+    # count, or their floating-point sums (so the weights' last digits) differ by as many steps as the subprocess ran.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     command = [sys.executable, "-m", "modeling_dclip.cli", "run", "--preset", "tiny", *common, "--output-dir", str(out)]
     first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     second_checkpoint = out / "work" / "train_teacher" / "checkpoints" / "checkpoint_1" / "custom_checkpoint_0.pkl"
