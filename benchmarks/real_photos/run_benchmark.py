@@ -497,14 +497,27 @@ def write_results(results: dict[str, Any], folder: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    figure, axis = plt.subplots(figsize=(6, 4))
+    # One colour per model, one marker per protocol, the seed std as error bars; a legend beside the axes rather than
+    # labels at the points, which overlap where models lie close.
+    figure, axis = plt.subplots(figsize=(8, 4))
+    colours: dict[str, Any] = {}
     for protocol, found in results["protocols"].items():
         for label, kept in found["zeroshot_retention"].items():
-            recall = found["models"][label]["text_to_image_R@1"]["mean"]
-            axis.scatter(100 * recall, 100 * kept["mean"], marker="o" if protocol == "disjoint" else "s")
-            axis.annotate(f"{label} ({protocol})", (100 * recall, 100 * kept["mean"]), fontsize=6)
-    axis.set_xlabel("Flickr8k test text-to-image R@1 (%)")
+            recall = found["models"][label]["text_to_image_R@1"]
+            colour = colours.setdefault(label, f"C{len(colours) % 10}")
+            axis.errorbar(
+                100 * recall["mean"],
+                100 * kept["mean"],
+                xerr=100 * recall["std"],
+                yerr=100 * kept["std"],
+                fmt="o" if protocol == "disjoint" else "s",
+                color=colour,
+                capsize=2,
+                label=f"{label} ({protocol}, n={recall['n']})",
+            )
+    axis.set_xlabel("Flickr8k test text-to-image R@1 (%), mean ± seed std")
     axis.set_ylabel("CIFAR-10 zero-shot retention (%)")
+    axis.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=6)
     figure.tight_layout()
     figure.savefig(folder / "retention_vs_recall.png", dpi=150)
 
