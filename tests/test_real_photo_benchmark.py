@@ -2,7 +2,8 @@
 Flickr8k photos with the shared YOLO detector and a tiny budget: two seeds, one learning rate, protocol `disjoint`
 and one ablation; the results' schema, a rerun of the same command that reuses every stage, and one seed re-run from
 scratch elsewhere (what the README's single-seed rerun does) that reproduces that seed's figures, as
-`check_rerun.py` finds."""
+`check_rerun.py` finds; seeds run by separate commands, merged by `merge_seeds.py` into the two-seed command's
+figures."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from conftest import REPO, SHARED, SHARED_DATA, karpathy_subset
 
 SCRIPT = REPO / "benchmarks" / "real_photos" / "run_benchmark.py"
 CHECK = REPO / "benchmarks" / "real_photos" / "check_rerun.py"
+MERGE = REPO / "benchmarks" / "real_photos" / "merge_seeds.py"
 DETECTOR = SHARED / "models" / "yolov8n-coco-int8" / "yolov8n_int8.onnx"
 CIFAR = SHARED_DATA / "cifar10-test"
 
@@ -151,3 +153,52 @@ def test_the_benchmark_runs_two_seeds_and_an_ablation_and_a_rerun_reuses_everyth
     assert f"0 of {len(rows)} figures outside the recorded std." in check.stdout
     assert f"{len(rows)} of {len(rows)} figures equal to the recorded seed's (to --atol)." in check.stdout
     assert "Environment: the same in both runs." in check.stdout
+
+    # Seeds run by separate commands, merged: seed 0 alone (every stage reused) and the re-run's seed 1 (trained in
+    # another output folder) give what the two-seed command gave.
+    fourth = subprocess.run(benchmark(["0"], [], "out", "seed0"), env=env, capture_output=True, text=True, timeout=900)
+    assert fourth.returncode == 0 and ": running" not in fourth.stdout + fourth.stderr, fourth.stderr[-3000:]
+    seed0, seed1 = tmp_path / "seed0" / "results.json", tmp_path / "rerun-results" / "results.json"
+
+    def merge(*files: object) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(MERGE), *map(str, files), "--results-dir", str(tmp_path / "merged")]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    merged = merge(seed0, seed1)
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    assert "protocol 'disjoint', seeds 0, 1" in merged.stdout
+    found_merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert found_merged["seeds"] == [0, 1] and [source["seeds"] for source in found_merged["sources"]] == [[0], [1]]
+    both = found_merged["protocols"]["disjoint"]
+    assert set(both["models"]) == set(models) and set(both["zeroshot_retention"]) == set(disjoint["zeroshot_retention"])
+    for label, metrics in models.items():
+        for metric, figure in metrics.items():
+            assert both["models"][label][metric]["n"] == figure["n"], (label, metric)
+            for key in ("mean", "std"):
+                assert both["models"][label][metric][key] == pytest.approx(figure[key], abs=1e-6), (label, metric)
+    for label, kept in disjoint["zeroshot_retention"].items():
+        assert both["zeroshot_retention"][label]["mean"] == pytest.approx(kept["mean"], abs=1e-6), label
+    sources = [json.loads(path.read_text())["protocols"]["disjoint"]["timings_s"] for path in (seed0, seed1)]
+    assert both["timings_s"] == {**sources[1], **sources[0]}
+    assert "(n=2)" in (tmp_path / "merged" / "results.md").read_text()
+
+    # Refused, naming the file: a seed in two files, a file with ablations, a base that is another model, stages
+    # that ran in another environment.
+    again = tmp_path / "seed0-again.json"
+    again.write_text(seed0.read_text())
+    refused = merge(seed0, again)
+    assert refused.returncode != 0 and f"' is in both {seed0} and {again}; merge files of disjoint" in refused.stderr
+    refused = merge(results / "results.json", seed1)
+    assert refused.returncode != 0 and f"{results / 'results.json'} holds ablations" in refused.stderr
+    other = json.loads(seed1.read_text())
+    other["protocols"]["disjoint"]["models"]["base"]["text_to_image_R@1"]["runs"]["0"] += 0.01
+    (tmp_path / "other-base.json").write_text(json.dumps(other))
+    refused = merge(seed0, tmp_path / "other-base.json")
+    assert refused.returncode != 0 and "the base's text_to_image_R@1" in refused.stderr
+    assert str(tmp_path / "other-base.json") in refused.stderr
+    other = json.loads(seed1.read_text())
+    other["protocols"]["disjoint"]["environments"][0]["environment"]["torch"] = "0.0"
+    (tmp_path / "other-torch.json").write_text(json.dumps(other))
+    refused = merge(seed0, tmp_path / "other-torch.json")
+    assert refused.returncode != 0 and "ran in another environment" in refused.stderr
+    assert "(they differ in torch)" in refused.stderr

@@ -20,10 +20,11 @@ figure is outside, 0 when all are within.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from run_benchmark import load_results
 
 from modeling_dclip.atomic import write_json_atomically, write_text_atomically
 
@@ -43,15 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=Path, help="also write the Markdown report here")
     parser.add_argument("--json", type=Path, help="write every compared figure here as JSON")
     return parser.parse_args(argv)
-
-
-def load_results(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SystemExit(f"check_rerun: {path} does not exist (a results.json of run_benchmark.py)") from None
-    except json.JSONDecodeError as error:
-        raise SystemExit(f"check_rerun: {path} is not JSON ({error})") from None
 
 
 def label(figure: str) -> str:
@@ -149,7 +141,7 @@ def report(protocols: dict[str, list[dict[str, Any]]], differences: dict[str, li
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    recorded, rerun = load_results(args.recorded), load_results(args.rerun)
+    recorded, rerun = (load_results(path, "check_rerun") for path in (args.recorded, args.rerun))
     names = args.protocol or [name for name in rerun["protocols"] if name in recorded["protocols"]]
     for name in names:
         for results, path in ((recorded, args.recorded), (rerun, args.rerun)):

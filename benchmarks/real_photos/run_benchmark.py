@@ -38,6 +38,8 @@ WISE_ALPHAS = (0.25, 0.5, 0.75)
 RERANK_TOP_K = 20
 ONCE_SEED = 0
 """The seed of the stages trained once per protocol (the base and the teachers), whatever `--seeds` says."""
+ONCE_MODELS = ("base", "teacher")
+"""The models trained once per protocol, with `ONCE_SEED`; the fine-tuned ones are trained at every seed."""
 # The releases results.md names beside each protocol (results.json holds the whole recorded environment).
 ENVIRONMENT_SHOWN = ("python", "torch", "transformers", "accelerate", "timm", "numpy", "pillow", "onnxruntime")
 """The teacher re-ranks the base's top 20 images of each caption and captions of each image (retrieve, then re-rank,
@@ -126,6 +128,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.ablations and args.ablation_protocol not in args.protocols:
         parser.error(f"--ablations run after protocol {args.ablation_protocol!r}, which --protocols does not name")
     return args
+
+
+def load_results(path: Path, tool: str) -> dict[str, Any]:
+    """A `results.json` this script wrote, read by `tool` (`check_rerun`, `merge_seeds`); `SystemExit` naming the
+    file where it is missing or is not one."""
+    try:
+        found = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"{tool}: {path} does not exist (a results.json of run_benchmark.py)") from None
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"{tool}: {path} is not JSON ({error})") from None
+    if not isinstance(found, dict) or not isinstance(found.get("protocols"), dict):
+        raise SystemExit(f"{tool}: {path} holds no `protocols` (not a results.json of run_benchmark.py)")
+    return found
 
 
 def mean_std(runs: dict[int, float]) -> dict[str, Any]:
@@ -352,9 +368,10 @@ def run_protocol(bench: Benchmark) -> dict[str, Any]:
     args = bench.args
     bench.base()
     bench.teacher()
-    per_model: dict[str, dict[int, dict[str, float]]] = {}  # label -> seed -> figures
-    per_model["base"] = {ONCE_SEED: bench.evaluate("base", "base")}
-    per_model["teacher"] = {ONCE_SEED: bench.evaluate("teacher", "teacher")}
+    # label -> seed -> figures
+    per_model: dict[str, dict[int, dict[str, float]]] = {
+        label: {ONCE_SEED: bench.evaluate(label, label)} for label in ONCE_MODELS
+    }
     rates = {
         "plain fine-tuning": select_learning_rate(bench, "plain", "contrastive", args.learning_rates),
         "DCLIP student": select_learning_rate(bench, "dclip", "dclip", args.learning_rates),
