@@ -160,8 +160,8 @@ def test_the_benchmark_runs_two_seeds_and_an_ablation_and_a_rerun_reuses_everyth
     assert fourth.returncode == 0 and ": running" not in fourth.stdout + fourth.stderr, fourth.stderr[-3000:]
     seed0, seed1 = tmp_path / "seed0" / "results.json", tmp_path / "rerun-results" / "results.json"
 
-    def merge(*files: object) -> subprocess.CompletedProcess:
-        command = [sys.executable, str(MERGE), *map(str, files), "--results-dir", str(tmp_path / "merged")]
+    def merge(*files: object, folder: str = "merged", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+        command = [sys.executable, str(MERGE), *map(str, files), *extra, "--results-dir", str(tmp_path / folder)]
         return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
     merged = merge(seed0, seed1)
@@ -202,3 +202,15 @@ def test_the_benchmark_runs_two_seeds_and_an_ablation_and_a_rerun_reuses_everyth
     refused = merge(seed0, tmp_path / "other-torch.json")
     assert refused.returncode != 0 and "ran in another environment" in refused.stderr
     assert "(they differ in torch)" in refused.stderr
+    # Asked for, it merges them, each environment written down with the stages that ran in it.
+    mixed = merge(seed0, tmp_path / "other-torch.json", folder="mixed", extra=("--allow-other-environments",))
+    assert mixed.returncode == 0, mixed.stderr[-3000:]
+    groups = json.loads((tmp_path / "mixed" / "results.json").read_text())["protocols"]["disjoint"]["environments"]
+    assert [group["environment"]["torch"] for group in groups] == [importlib.metadata.version("torch"), "0.0"]
+    assert (
+        "base" in groups[0]["stages"]
+        and "base" in groups[1]["stages"]
+        and "plain-lr0.0003-seed1" in groups[1]["stages"]
+    )
+    assert "plain-lr0.0003-seed1" not in groups[0]["stages"]
+    assert (tmp_path / "mixed" / "results.md").read_text().count("Environment of ") == 2

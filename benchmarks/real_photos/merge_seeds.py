@@ -10,7 +10,9 @@ CIFAR-10 images are the same in every file; every stage of every file ran in one
 CPU, kernels and threads; only the operating system's kernel build may differ); the models trained once per
 protocol (the base and the teacher, with seed 0 whatever `--seeds` said) have the same figures in every file (to
 `--atol`: retrained from scratch in the same environment, they do); and no seed of a fine-tuned model is in two
-files. Ablations are not merged (they run at the first seed of one command): a file holding them is refused.
+files. `--allow-other-environments` lifts the one-environment condition alone: the merged file then names each
+environment with the stages that ran in it (so does `results.md`). Ablations are not merged (they run at the first
+seed of one command): a file holding them is refused.
 
 Writes `results.json`, `results.md` and `retention_vs_recall.png` into `--results-dir` with `run_benchmark.py`'s
 own writer; `sources` names each file with its command, seeds and stage seconds. `timings_s` holds every stage's
@@ -37,10 +39,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--atol", type=float, default=1e-6, help="how far the once-trained models' figures may differ between files"
     )
+    parser.add_argument(
+        "--allow-other-environments",
+        action="store_true",
+        help="merge stages that ran in other environments (each written down with its stages) instead of refusing",
+    )
     return parser.parse_args(argv)
 
 
-def merge_protocol(name: str, found: dict[Path, dict[str, Any]], atol: float) -> dict[str, Any]:
+def merge_protocol(
+    name: str, found: dict[Path, dict[str, Any]], atol: float, other_environments: bool = False
+) -> dict[str, Any]:
     """One protocol's entries of every file, merged; `SystemExit` naming the file where they cannot be."""
     (first_path, first), *_ = found.items()
     reference = first["environments"][0]["environment"]
@@ -59,10 +68,11 @@ def merge_protocol(name: str, found: dict[Path, dict[str, Any]], atol: float) ->
                 for key in {*group["environment"], *reference}
                 if key not in IGNORED and group["environment"].get(key) != reference.get(key)
             )
-            if differ:
+            if differ and not other_environments:
                 raise SystemExit(
                     f"merge_seeds: protocol {name!r}: stages of {path} ran in another environment than those of "
-                    f"{first_path} (they differ in {', '.join(differ)}); the same seed trains other figures there"
+                    f"{first_path} (they differ in {', '.join(differ)}); the same seed trains other figures there "
+                    "(--allow-other-environments merges them all the same, each stage's environment written down)"
                 )
     runs: dict[str, dict[str, dict[str, float]]] = {}  # label -> metric -> seed -> figure
     kept: dict[str, dict[str, float]] = {}  # label -> seed -> retention
@@ -92,7 +102,14 @@ def merge_protocol(name: str, found: dict[Path, dict[str, Any]], atol: float) ->
     for entry in found.values():
         for stage, seconds in entry["timings_s"].items():
             timings.setdefault(stage, seconds)
-    stages = sorted({stage for entry in found.values() for group in entry["environments"] for stage in group["stages"]})
+    environments: list[dict[str, Any]] = []  # each environment once, with every stage any file ran in it
+    for entry in found.values():
+        for group in entry["environments"]:
+            same = next((kept for kept in environments if kept["environment"] == group["environment"]), None)
+            if same is None:
+                environments.append({"environment": group["environment"], "stages": list(group["stages"])})
+            else:
+                same["stages"] += [stage for stage in group["stages"] if stage not in same["stages"]]
     return {
         "models": {
             label: {metric: mean_std(_by_seed(values)) for metric, values in metrics.items()}
@@ -101,7 +118,7 @@ def merge_protocol(name: str, found: dict[Path, dict[str, Any]], atol: float) ->
         "zeroshot_retention": {label: mean_std(_by_seed(values)) for label, values in kept.items()},
         **{setting: first[setting] for setting in SAME_SETTINGS},
         "timings_s": timings,
-        "environments": [{"environment": reference, "stages": stages}],
+        "environments": environments,
     }
 
 
@@ -109,7 +126,7 @@ def _by_seed(values: dict[str, float]) -> dict[int, float]:
     return {int(seed): values[seed] for seed in sorted(values, key=int)}
 
 
-def merge(paths: list[Path], atol: float = 1e-6) -> dict[str, Any]:
+def merge(paths: list[Path], atol: float = 1e-6, other_environments: bool = False) -> dict[str, Any]:
     files = {path: load_results(path, "merge_seeds") for path in paths}
     if len(files) < 2:
         raise SystemExit("merge_seeds: give two results.json files or more")
@@ -134,7 +151,9 @@ def merge(paths: list[Path], atol: float = 1e-6) -> dict[str, Any]:
             for path, found in files.items()
         ],
         "protocols": {
-            name: merge_protocol(name, {path: found["protocols"][name] for path, found in files.items()}, atol)
+            name: merge_protocol(
+                name, {path: found["protocols"][name] for path, found in files.items()}, atol, other_environments
+            )
             for name in protocols
         },
     }
@@ -146,7 +165,7 @@ def _timings(found: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    merged = merge(args.results, args.atol)
+    merged = merge(args.results, args.atol, args.allow_other_environments)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     write_results(merged, args.results_dir)
     for name, entry in merged["protocols"].items():
