@@ -51,6 +51,12 @@ def merge_protocol(
     name: str, found: dict[Path, dict[str, Any]], atol: float, other_environments: bool = False
 ) -> dict[str, Any]:
     """One protocol's entries of every file, merged; `SystemExit` naming the file where they cannot be."""
+    for path, entry in found.items():
+        if "environments" not in entry or any("runs" not in figure for figure in entry["models"]["base"].values()):
+            raise SystemExit(
+                f"merge_seeds: {path} holds no per-seed figures or stage environments for protocol {name!r} "
+                "(written before v2.1): it cannot be merged"
+            )
     (first_path, first), *_ = found.items()
     reference = first["environments"][0]["environment"]
     for path, entry in found.items():
@@ -105,7 +111,7 @@ def merge_protocol(
     environments: list[dict[str, Any]] = []  # each environment once, with every stage any file ran in it
     for entry in found.values():
         for group in entry["environments"]:
-            same = next((kept for kept in environments if kept["environment"] == group["environment"]), None)
+            same = next((known for known in environments if known["environment"] == group["environment"]), None)
             if same is None:
                 environments.append({"environment": group["environment"], "stages": list(group["stages"])})
             else:
@@ -145,7 +151,7 @@ def merge(paths: list[Path], atol: float = 1e-6, other_environments: bool = Fals
         "budget": first["budget"],
         "image_size": first["image_size"],
         "seeds": seeds,
-        "environment": first["environment"],
+        "environment": first.get("environment"),
         "sources": [
             {"path": str(path), "command": found["command"], "seeds": found["seeds"], "timings_s": _timings(found)}
             for path, found in files.items()
