@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from run_benchmark import load_results
+from run_benchmark import environment_changes, load_results
 
 from modeling_dclip.atomic import write_json_atomically, write_text_atomically
 
@@ -57,10 +57,7 @@ def environment_differences(recorded: dict[str, Any], rerun: dict[str, Any]) -> 
     either run did not record its environment (results made before it was)."""
     if "environment" not in recorded or "environment" not in rerun:
         return None
-    before, after = recorded["environment"], rerun["environment"]
-    return {
-        key: [before.get(key), after.get(key)] for key in sorted(before | after) if before.get(key) != after.get(key)
-    }
+    return environment_changes(recorded["environment"], rerun["environment"])
 
 
 def compare(recorded: dict[str, Any], rerun: dict[str, Any], figures: list[str], atol: float) -> list[dict[str, Any]]:

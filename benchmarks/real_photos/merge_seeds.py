@@ -25,7 +25,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from run_benchmark import ONCE_MODELS, load_results, mean_std, write_results
+from run_benchmark import ONCE_MODELS, environment_changes, load_results, mean_std, write_results
 
 SAME_SETTINGS = ("learning_rates", "splits", "cifar_images")
 IGNORED = ("platform",)
@@ -69,11 +69,7 @@ def merge_protocol(
                     f"{first[setting]} in {first_path}"
                 )
         for group in entry["environments"]:
-            differ = sorted(
-                key
-                for key in {*group["environment"], *reference}
-                if key not in IGNORED and group["environment"].get(key) != reference.get(key)
-            )
+            differ = environment_changes(reference, group["environment"], IGNORED)
             if differ and not other_environments:
                 raise SystemExit(
                     f"merge_seeds: protocol {name!r}: stages of {path} ran in another environment than those of "

@@ -144,6 +144,18 @@ def load_results(path: Path, tool: str) -> dict[str, Any]:
     return found
 
 
+def environment_changes(
+    before: dict[str, Any], after: dict[str, Any], ignored: tuple[str, ...] = ()
+) -> dict[str, list[Any]]:
+    """The entries in which two recorded environments differ, `{key: [before, after]}`, sorted by key; `ignored`
+    entries left out."""
+    return {
+        key: [before.get(key), after.get(key)]
+        for key in sorted(before | after)
+        if key not in ignored and before.get(key) != after.get(key)
+    }
+
+
 def mean_std(runs: dict[int, float]) -> dict[str, Any]:
     """Mean and sample std of one figure over the seeds that trained it, and each seed's own (`runs`, keyed by the
     seed: what a re-run of one seed is compared with, `check_rerun.py`)."""
