@@ -25,7 +25,7 @@ from modeling_dclip import DCLIPProcessor, DCLIPTeacherModel
 from modeling_dclip.cli import main
 from modeling_dclip.data.spec import load_dataset_spec
 from modeling_dclip.environment import recorded_environment
-from modeling_dclip.feature_store import FeatureStore, digest
+from modeling_dclip.feature_store import FeatureStore, digest, model_fingerprint
 from modeling_dclip.pipeline import WORK_MARK, StageError, StageRunner
 from modeling_dclip.training import TeacherConfig
 from modeling_dclip.training.data import CaptionTable
@@ -133,8 +133,14 @@ def test_seed_config_data_and_code_version_changes_recompute_what_they_affect(ph
     before = sorted((store.root / "teacher_targets").glob("*.safetensors"))
     store.teacher_targets(teacher, processor, train, table.captions, table.caption_to_image)
     assert sorted((store.root / "teacher_targets").glob("*.safetensors")) == before
-    with safe_open(str(before[-1]), "pt") as entry:
-        assert '"type": "grid"' in entry.metadata()["parts"]
+    # The store is shared by the whole test session: the entry of this teacher is found by its fingerprint.
+    parts = []
+    for path in before:
+        with safe_open(str(path), "pt") as entry:
+            parts.append(json.loads(entry.metadata()["parts"]))
+    ours = [entry for entry in parts if entry["teacher"] == model_fingerprint(teacher)]
+    assert len(ours) == 1
+    assert ours[0]["regions"]["source"]["type"] == "grid"
 
     # The teacher's training code changed (its version raised): the teacher and what depends on it are recomputed,
     # the base is reused; the new record carries the version.
