@@ -213,4 +213,7 @@ def test_the_benchmark_runs_two_seeds_and_an_ablation_and_a_rerun_reuses_everyth
         and "plain-lr0.0003-seed1" in groups[1]["stages"]
     )
     assert "plain-lr0.0003-seed1" not in groups[0]["stages"]
-    assert (tmp_path / "mixed" / "results.md").read_text().count("Environment of ") == 2
+    mixed_md = (tmp_path / "mixed" / "results.md").read_text()
+    assert mixed_md.count("Environment of ") == 2
+    # The second line names what sets it apart, which its one-line summary would not show by itself.
+    assert f"differs from the first in torch ({importlib.metadata.version('torch')} -> 0.0)" in mixed_md

@@ -513,8 +513,16 @@ def write_results(results: dict[str, Any], folder: Path) -> None:
             cells.append(f"{100 * kept['mean']:.1f} ± {100 * kept['std']:.1f}" if kept else "–")
             lines.append(f"| {label} (n={next(iter(metrics.values()))['n']}) | " + " | ".join(cells) + " |")
         lines.append("")
-        for group in found["environments"]:
+        groups = found["environments"]
+        for group in groups:
             where = environment_line(group["environment"]) if group["environment"] else "not recorded"
+            if group is not groups[0] and group["environment"] and groups[0]["environment"]:
+                # What sets this group apart from the first, which the one-line summary may not show (the kernel
+                # build in `platform`, for one).
+                changes = environment_changes(groups[0]["environment"], group["environment"])
+                where += "; differs from the first in " + ", ".join(
+                    f"{key} ({first} -> {this})" for key, (first, this) in changes.items()
+                )
             lines += [f"Environment of {len(group['stages'])} stages: {where}", ""]
         if found.get("ablations"):
             lines += ablation_table(found)
