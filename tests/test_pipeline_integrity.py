@@ -134,11 +134,12 @@ def test_seed_config_data_and_code_version_changes_recompute_what_they_affect(ph
     store.teacher_targets(teacher, processor, train, table.captions, table.caption_to_image)
     assert sorted((store.root / "teacher_targets").glob("*.safetensors")) == before
     # The store is shared by the whole test session: the entry of this teacher is found by its fingerprint.
+    fingerprint = model_fingerprint(teacher)
     parts = []
     for path in before:
         with safe_open(str(path), "pt") as entry:
             parts.append(json.loads(entry.metadata()["parts"]))
-    ours = [entry for entry in parts if entry["teacher"] == model_fingerprint(teacher)]
+    ours = [entry for entry in parts if entry["teacher"] == fingerprint]
     assert len(ours) == 1
     assert ours[0]["regions"]["source"]["type"] == "grid"
 
